@@ -1,0 +1,1 @@
+"""fastrm: fast reward-model training for RLHF."""

@@ -1,0 +1,280 @@
+"""RewardModel: any Hugging Face decoder backbone + a linear head on each sequence's last token.
+
+The backbone runs *without* its final norm on a packed batch; the final norm and the head are then applied to the
+2B pooled rows only (stock HF reward models norm and score every token, then gather). The result is identical,
+because the norm is per token. On CUDA the gather + norm + head + loss run as one fused Triton op
+(``fastrm_kernels.reward_head_loss``); the PyTorch path here is the reference and the CPU path.
+
+Checkpoints are plain ``XForSequenceClassification`` folders: ``transformers.AutoModelForSequenceClassification
+.from_pretrained(dir)`` loads them and gives the same rewards, and :meth:`RewardModel.from_pretrained` loads
+those, fastrm's own, and causal-LM checkpoints (the head is then freshly initialised).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastrm import attention
+from fastrm.losses import LossKind, pairwise_loss
+from fastrm.packing import PackedBatch
+
+# Attribute names of the final norm in the backbones we know (Llama/Qwen2/Mistral: norm, GPT-NeoX:
+# final_layer_norm, GPT-2: ln_f, OPT/Falcon-style: final_layernorm, ln_f).
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "final_norm")
+
+
+@dataclass
+class LossConfig:
+    """What the reward head is trained with (see fastrm/losses.py)."""
+
+    kind: LossKind = "bt"
+    detach_mean: bool = True
+    center_rewards_coefficient: float | None = None
+
+
+@dataclass
+class NormSpec:
+    """The final norm in the form the fused kernel takes."""
+
+    norm_type: str  # "rms" | "layer" | "none"
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def _find_final_norm(backbone: nn.Module) -> tuple[str | None, nn.Module | None]:
+    for name in FINAL_NORM_NAMES:
+        m = getattr(backbone, name, None)
+        if isinstance(m, nn.Module) and not isinstance(m, nn.Identity):
+            return name, m
+    return None, None
+
+
+def norm_spec(norm: nn.Module | None) -> NormSpec | None:
+    """Describe ``norm`` for the fused kernel, or None if the kernel does not implement it (then the module itself
+    runs on the pooled rows)."""
+    if norm is None:
+        return NormSpec("none", None, None, 0.0)
+    if isinstance(norm, nn.LayerNorm):
+        if not norm.elementwise_affine:
+            return None
+        return NormSpec("layer", norm.weight, norm.bias, float(norm.eps))
+    cls = type(norm).__name__
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    # Gemma-style RMSNorm scales by (1 + w): a different function, so only the plain form is fused.
+    if "RMSNorm" in cls and "Gemma" not in cls and eps is not None and getattr(norm, "weight", None) is not None:
+        return NormSpec("rms", norm.weight, None, float(eps))
+    return None
+
+
+class ScoreHead(nn.Linear):
+    """The reward head, ``nn.Linear(hidden, 1)`` named ``score`` as in HF sequence-classification models.
+
+    Called with tensors it is a linear layer; called with texts it scores them, so that
+    ``model.score(prompts, responses)`` works as users of fastrm's scoring API expect.
+    """
+
+    def __call__(self, *args, **kwargs):
+        if args and isinstance(args[0], (list, tuple, str)):
+            owner = self.__dict__.get("_owner")
+            if owner is None or owner() is None:
+                raise RuntimeError("this score head is not attached to a RewardModel")
+            return owner().score_texts(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_owner", None)  # weak references do not pickle
+        return state
+
+
+class RewardModel(nn.Module):
+    """Decoder backbone + ``score`` head on the last token of every packed sequence.
+
+    Args:
+        backbone: a transformers base model (``AutoModel``: Llama, Qwen2, GPT-NeoX/Pythia, GPT-2, ...).
+        score: the head, ``nn.Linear(hidden, 1)``; created (HF initialisation) if None.
+        head_bias: give a new head a bias (HF sequence-classification heads have none, so a model with a head bias
+            cannot be saved as an HF checkpoint; the bias cancels in every pairwise loss except with centring).
+        attn_backend: "auto" | "flash" | "torch_varlen" | "exact" (see fastrm/attention.py).
+        fused: use the fused Triton head+loss op: "auto" (on CUDA when the final norm is supported), True, False.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        score: nn.Linear | None = None,
+        *,
+        head_bias: bool = False,
+        attn_backend: str = "auto",
+        fused: bool | str = "auto",
+    ):
+        super().__init__()
+        attention.register()
+        if getattr(backbone.config, "_attn_implementation", None) != attention.ATTN_NAME:
+            backbone.set_attn_implementation(attention.ATTN_NAME)
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.norm_name, norm = _find_final_norm(backbone)
+        # Lift the final norm out of the backbone: it runs on the pooled rows only.
+        self.final_norm = norm if norm is not None else nn.Identity()
+        if self.norm_name is not None:
+            setattr(backbone, self.norm_name, nn.Identity())
+        if score is None:
+            score = nn.Linear(hidden, 1, bias=head_bias)
+            std = getattr(backbone.config, "initializer_range", 0.02)
+            nn.init.normal_(score.weight, std=std)
+            if score.bias is not None:
+                nn.init.zeros_(score.bias)
+        if score.out_features != 1:
+            raise ValueError(f"the score head must have one output, got {score.out_features}")
+        score.__class__ = ScoreHead  # same state as nn.Linear; adds text scoring
+        self.score = score
+        score.__dict__["_owner"] = weakref.ref(self)
+        self.attn_backend = attn_backend
+        attention.set_backend(attn_backend)
+        self.fused = fused
+        self.tokenizer = None  # set by from_pretrained / the trainer when known
+
+    # ---------------------------------------------------------------- construction and checkpoints
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "RewardModel":
+        """A randomly initialised reward model from a transformers config (or a preset name, see presets.py)."""
+        from transformers import AutoModel
+
+        from fastrm.presets import resolve_config
+
+        config = resolve_config(config)
+        attention.register()
+        backbone = AutoModel.from_config(config, attn_implementation=attention.ATTN_NAME)
+        return cls(backbone, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, attn_backend: str = "auto", fused: bool | str = "auto",
+                        **hf_kwargs: Any) -> "RewardModel":
+        """Load a fastrm or HF sequence-classification checkpoint, or a causal-LM checkpoint (new head).
+
+        ``hf_kwargs`` go to ``from_pretrained`` (e.g. ``gguf_file=...``, ``dtype=torch.bfloat16``).
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        attention.register()
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, attn_implementation=attention.ATTN_NAME, **hf_kwargs
+        )
+        backbone = getattr(hf, hf.base_model_prefix)
+        model = cls(backbone, hf.score, attn_backend=attn_backend, fused=fused)
+        if Path(path, "tokenizer.json").exists() or Path(path, "tokenizer_config.json").exists():
+            model.tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"})
+        return model
+
+    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> None:
+        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached)."""
+        from transformers import AutoModelForSequenceClassification
+
+        if self.score.bias is not None:
+            raise ValueError(
+                "a head with a bias cannot be saved as an HF sequence-classification checkpoint (their score heads "
+                "have no bias); train with head_bias=False"
+            )
+        cfg = copy.deepcopy(self.backbone.config)
+        cfg.num_labels = 1
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            hf = AutoModelForSequenceClassification.from_config(cfg)
+        prefix = hf.base_model_prefix
+        state = {f"{prefix}.{k}": v for k, v in self.backbone.state_dict().items()}
+        if self.norm_name is not None:
+            state.update({f"{prefix}.{self.norm_name}.{k}": v for k, v in self.final_norm.state_dict().items()})
+        state["score.weight"] = self.score.weight
+        missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint layout mismatch: missing {missing}, unexpected {unexpected}")
+        hf.config.architectures = [type(hf).__name__]
+        hf.save_pretrained(out_dir)
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is not None:
+            tok.save_pretrained(out_dir)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---------------------------------------------------------------- forward
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """[T, H] pre-final-norm hidden states of the packed batch."""
+        out = self.backbone(
+            input_ids=batch.input_ids.unsqueeze(0),
+            position_ids=batch.position_ids.unsqueeze(0),
+            fastrm_plan=batch.attn,
+            use_cache=False,
+        )
+        return out.last_hidden_state[0]
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Final norm + score head on pooled rows [R, H] -> rewards [R] fp32 (reference path)."""
+        return self.score(self.final_norm(pooled)).squeeze(-1).float()
+
+    def use_fused(self, device: torch.device) -> bool:
+        if self.fused == "auto":
+            return device.type == "cuda" and norm_spec(self._norm_module()) is not None
+        if self.fused and norm_spec(self._norm_module()) is None:
+            raise ValueError(f"the fused head does not support the final norm {type(self.final_norm).__name__}")
+        return bool(self.fused)
+
+    def _norm_module(self) -> nn.Module | None:
+        return None if isinstance(self.final_norm, nn.Identity) else self.final_norm
+
+    def forward(
+        self,
+        batch: PackedBatch,
+        loss: LossConfig | None = None,
+        *,
+        mu: torch.Tensor | None = None,
+        mu_grad: torch.Tensor | None = None,
+        normalizer: float | None = None,
+    ):
+        """Rewards, or the pairwise loss, of a packed batch.
+
+        Without ``loss``: returns rewards [R] fp32 in ``batch.pool_index`` order.
+        With ``loss``: returns (loss 0-d fp32, rewards [2B] fp32 detached, stats [5] sums), see losses.py for
+        ``mu``, ``mu_grad`` and ``normalizer``.
+        """
+        hidden = self.hidden_states(batch)
+        if loss is None:
+            return self.head(hidden.index_select(0, batch.pool_index))
+        B = batch.num_pairs
+        margin = batch.margin if loss.kind == "margin" else None
+        if loss.kind == "margin" and margin is None:
+            raise ValueError("loss='margin' needs a 'margin' column in the data")
+        if self.use_fused(hidden.device):
+            from fastrm_kernels.reward_head_loss import reward_head_loss
+
+            spec = norm_spec(self._norm_module())
+            return reward_head_loss(
+                hidden, batch.pool_index, spec.weight, spec.bias, self.score.weight.view(-1), self.score.bias,
+                norm_type=spec.norm_type, eps=spec.eps, loss_kind=loss.kind, margin=margin,
+                detach_mean=loss.detach_mean, center_rewards_coefficient=loss.center_rewards_coefficient,
+                mu=mu, mu_grad=mu_grad, normalizer=normalizer,
+            )
+        rewards = self.head(hidden.index_select(0, batch.pool_index))
+        value, stats = pairwise_loss(
+            rewards[:B], rewards[B:], loss.kind, margin, loss.detach_mean, loss.center_rewards_coefficient,
+            mu=mu, mu_grad=mu_grad, normalizer=normalizer,
+        )
+        return value, rewards.detach(), stats["sums"]
+
+    # ---------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score_texts(self, prompts: list[str], responses: list[list[str]], tokenizer=None, **kwargs) -> list[list[float]]:
+        """Rewards for each prompt's responses (best-of-N scoring); see fastrm.scoring.score."""
+        from fastrm.scoring import score
+
+        return score(self, prompts, responses, tokenizer=tokenizer or self.tokenizer, **kwargs)
