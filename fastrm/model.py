@@ -190,11 +190,7 @@ class RewardModel(nn.Module):
         cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
             hf = AutoModelForSequenceClassification.from_config(cfg)
-        prefix = hf.base_model_prefix
-        state = {f"{prefix}.{k}": v for k, v in self.backbone.state_dict().items()}
-        if self.norm_name is not None:
-            state.update({f"{prefix}.{self.norm_name}.{k}": v for k, v in self.final_norm.state_dict().items()})
-        state["score.weight"] = self.score.weight
+        state = {hf_key: self.state_dict()[key] for key, hf_key in self.hf_key_map().items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint layout mismatch: missing {missing}, unexpected {unexpected}")
@@ -203,6 +199,37 @@ class RewardModel(nn.Module):
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if tok is not None:
             tok.save_pretrained(out_dir)
+
+    def hf_key_map(self) -> dict[str, str]:
+        """This module's state-dict keys -> the keys of the equivalent HF sequence-classification checkpoint."""
+        prefix = getattr(self.backbone, "base_model_prefix", "model")
+        out = {}
+        for key in self.state_dict():
+            if key.startswith("backbone."):
+                out[key] = f"{prefix}.{key[len('backbone.'):]}"
+            elif key.startswith("final_norm."):
+                out[key] = f"{prefix}.{self.norm_name}.{key[len('final_norm.'):]}"
+            else:
+                out[key] = key  # score.weight
+        return out
+
+    def load_weights(self, ckpt_dir: str | os.PathLike) -> None:
+        """Load the weights of a checkpoint written by :meth:`save_pretrained` into this model (for resuming)."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(ckpt_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors weights")
+        hf_state = {}
+        for f in files:
+            hf_state.update(load_file(str(f)))
+        own = self.state_dict()
+        missing = [k for k, hk in self.hf_key_map().items() if hk not in hf_state]
+        if missing:
+            raise RuntimeError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
+        with torch.no_grad():
+            for key, hf_key in self.hf_key_map().items():
+                own[key].copy_(hf_state[hf_key])
 
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

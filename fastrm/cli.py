@@ -1,0 +1,295 @@
+"""Command line: ``fastrm demo | train | eval | score | bon-eval`` (thin: parse, call the library)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from fastrm.config import RewardConfig
+
+TRAIN_EPILOG = """examples:
+  fastrm demo
+  fastrm train --data ../shared/data/hh-rlhf/helpful-base_test.jsonl.gz \\
+      --tokenizer ../shared/data/tokenizers/gpt-neox-20b_tokenizer.json --model tiny-neox --loss threshold \\
+      --eval-fraction 0.1 --output-dir runs/hh
+  fastrm train --config my.yaml --learning-rate 1e-5      (command-line flags override the file)
+"""
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _opt_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "") else float(s)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One --flag per RewardConfig field, help text from the field; defaults None so files can fill them."""
+    g = p.add_argument_group("training config (RewardConfig; also settable in --config YAML/JSON)")
+    for f in dataclasses.fields(RewardConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        conv = {"bool": _bool, "int": int, "float": float, "str": str}.get(kind, None)
+        if conv is None:
+            conv = _opt_float if "float" in kind else str
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        g.add_argument(flag, dest=f.name, type=conv, default=None, metavar=f.name.upper() if not extra else None,
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})", **extra)
+
+
+def build_train_parser(prog: str = "fastrm train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a reward model on preference pairs.",
+                                epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file with RewardConfig fields (and data/eval_data/model/tokenizer)")
+    p.add_argument("--data", nargs="+", help="training pairs: .jsonl / .jsonl.gz / .json files (HH-RLHF transcripts, "
+                   "prompt/chosen/rejected, or token ids; optional 'margin')")
+    p.add_argument("--eval-data", nargs="+", help="evaluation pairs (default: --eval-fraction of --data)")
+    p.add_argument("--model", help="a preset (tiny-llama, tiny-neox, pythia-410m, ...), a config.json (random init) or "
+                   "a checkpoint folder (HF causal LM or sequence classification)")
+    p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json file, or 'byte' (default: the model folder's)")
+    add_config_flags(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RewardConfig, dict]:
+    """RewardConfig from --config plus flags (flags win); also returns data/eval_data/model/tokenizer."""
+    names = {f.name for f in dataclasses.fields(RewardConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    extra = {}
+    if args.config:
+        cfg = RewardConfig.from_file(args.config, **overrides)
+        raw = _read_config(args.config)
+        extra = {k: raw[k] for k in ("data", "eval_data", "model", "tokenizer") if k in raw}
+    else:
+        cfg = RewardConfig(**overrides)
+    for k in ("data", "eval_data", "model", "tokenizer"):
+        if getattr(args, k, None) is not None:
+            extra[k] = getattr(args, k)
+    return cfg, extra
+
+
+def _read_config(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def load_tokenizer(spec: str | None, model_spec: str | None = None):
+    """'byte', a tokenizer.json file, or a folder (the model's checkpoint folder when ``spec`` is None)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if spec is None:
+        if model_spec and Path(model_spec).is_dir():
+            spec = model_spec
+        else:
+            raise SystemExit("error: --tokenizer is required unless --model is a checkpoint folder with a tokenizer")
+    if spec == "byte":
+        from fastrm.synthetic import byte_tokenizer
+
+        return byte_tokenizer()
+    if Path(spec).is_file():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(spec))
+        # A bare tokenizer.json names no special tokens; GPT-NeoX/GPT-2 style files carry <|endoftext|>.
+        if tok.eos_token is None and "<|endoftext|>" in tok.get_vocab():
+            tok.eos_token = "<|endoftext|>"
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def cmd_train(argv: list[str]) -> int:
+    from fastrm.presets import load_model
+    from fastrm.trainer import RewardTrainer, seed_everything
+
+    args = build_train_parser().parse_args(argv)
+    cfg, extra = config_from_args(args)
+    if "data" not in extra:
+        raise SystemExit("error: --data is required (or run `fastrm demo` for the built-in example)")
+    if "model" not in extra:
+        raise SystemExit("error: --model is required (a preset such as tiny-neox, a config.json or a checkpoint)")
+    tok = load_tokenizer(extra.get("tokenizer"), extra["model"])
+    seed_everything(cfg.seed)
+    new_head = {} if _is_ckpt(extra["model"]) else {"head_bias": cfg.head_bias}
+    model = load_model(extra["model"], tokenizer=tok, **new_head)
+    trainer = RewardTrainer(model, cfg, _as_list(extra["data"]),
+                            _as_list(extra["eval_data"]) if extra.get("eval_data") else None, tokenizer=tok)
+    for split, st in getattr(trainer, "load_stats", {}).items():
+        print(f"[{split}] {st.summary()}", file=sys.stderr)
+    result = trainer.train()
+    _print_result(result, cfg.output_dir)
+    return 0
+
+
+def _is_ckpt(spec) -> bool:
+    from fastrm.presets import is_checkpoint_dir
+
+    return is_checkpoint_dir(spec)
+
+
+def _print_result(result: dict, out_dir: str) -> None:
+    tr = result.get("train", {})
+    print(f"trained {tr.get('step', 0)} steps in {result.get('train_runtime_s', 0):.1f}s "
+          f"({result.get('train_pairs_per_s', 0):.1f} pairs/s); last step loss {tr.get('loss', float('nan')):.4f}, "
+          f"accuracy {tr.get('accuracy', float('nan')):.3f}")
+    ev = result.get("eval")
+    if ev:
+        print(f"eval on {ev['num_pairs']} pairs: accuracy {ev['accuracy']:.4f}, margin mean {ev['margin_mean']:.3f} "
+              f"std {ev['margin_std']:.3f} skew {ev['margin_skewness']:.3f} kurtosis {ev['margin_kurtosis']:.3f} "
+              f"below zero {ev['frac_margin_below_zero']:.3f}")
+    print(f"model, metrics.jsonl and plots in {out_dir}")
+
+
+def cmd_demo(argv: list[str]) -> int:
+    """Train a tiny Llama-shaped model on the built-in synthetic task: no download, about a minute on a CPU."""
+    from fastrm.model import RewardModel
+    from fastrm.synthetic import byte_tokenizer, synthetic_pairs
+    from fastrm.trainer import RewardTrainer, seed_everything
+
+    p = argparse.ArgumentParser(prog="fastrm demo", description=cmd_demo.__doc__)
+    p.add_argument("--pairs", type=int, default=2048, help="synthetic training pairs")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--loss", default="threshold", choices=("bt", "batch_mean", "threshold"))
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    tok = byte_tokenizer()
+    seed_everything(a.seed)
+    model = RewardModel.from_config("tiny-llama")
+    cfg = RewardConfig(output_dir=a.output_dir, loss=a.loss, learning_rate=3e-3, pairs_per_step=32,
+                       max_tokens_per_batch=4096, warmup_ratio=0.05, seed=a.seed, max_length=256)
+    trainer = RewardTrainer(model, cfg, synthetic_pairs(a.pairs, seed=a.seed),
+                            synthetic_pairs(256, seed=a.seed + 1, flip=0.0), tokenizer=tok)
+    result = trainer.train()
+    _print_result(result, a.output_dir)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from fastrm.data import load_tokenized
+    from fastrm.evaluation import evaluate_pairs
+    from fastrm.model import RewardModel
+
+    p = argparse.ArgumentParser(prog="fastrm eval", description="Accuracy and margin statistics of a trained model.")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--tokenizer", help="default: the checkpoint's")
+    p.add_argument("--output-dir", help="write eval_metrics.json and eval_margin_hist.png here (default: --model)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    p.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
+    a = p.parse_args(argv)
+    model = _to_device(RewardModel.from_pretrained(a.model))
+    tok = load_tokenizer(a.tokenizer, a.model)
+    pairs, stats = load_tokenized(a.data, tok, max_length=a.max_length, on_bad_row=a.on_bad_row)
+    print(stats.summary(), file=sys.stderr)
+    m = evaluate_pairs(model, pairs, max_tokens_per_batch=a.max_tokens_per_batch, out_dir=a.output_dir or a.model,
+                       autocast=model.score.weight.is_cuda, progress=True)
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def _to_device(model):
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def cmd_score(argv: list[str]) -> int:
+    from fastrm.data import read_prompt_responses
+    from fastrm.model import RewardModel
+    from fastrm.scoring import score_rows
+
+    p = argparse.ArgumentParser(prog="fastrm score", description="Score {prompt, responses} JSONL rows (best-of-N).")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--input", required=True, help="JSONL rows {\"prompt\": str, \"responses\": [str, ...]}")
+    p.add_argument("--output", required=True, help="JSONL: each row + scores, best_index, best_response")
+    p.add_argument("--errors", help="write malformed rows here with the reason (default: fail on the first)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
+    a = p.parse_args(argv)
+    errors: list = []
+    rows = read_prompt_responses(a.input, on_bad_row="skip" if a.errors else "error", errors=errors)
+    model = _to_device(RewardModel.from_pretrained(a.model))
+    tok = load_tokenizer(a.tokenizer, a.model)
+    out = score_rows(model, rows, tokenizer=tok, top_k=a.top_k, max_length=a.max_length,
+                     max_tokens_per_batch=a.max_tokens_per_batch, prefix_sharing=not a.no_prefix_sharing)
+    with open(a.output, "w") as f:
+        for r in out:
+            f.write(json.dumps(r) + "\n")
+    if a.errors:
+        with open(a.errors, "w") as f:
+            for e in errors:
+                f.write(json.dumps(e) + "\n")
+    print(f"scored {len(out)} rows -> {a.output}" + (f"; {len(errors)} bad rows -> {a.errors}" if a.errors else ""))
+    return 0
+
+
+def cmd_bon_eval(argv: list[str]) -> int:
+    from fastrm.data import read_prompt_responses
+    from fastrm.evaluation import plot_win_rate, win_rate_curve
+    from fastrm.model import RewardModel
+    from fastrm.scoring import score
+
+    p = argparse.ArgumentParser(prog="fastrm bon-eval", description="Best-of-N win rate against a random choice, "
+                                "judged by a gold reward model (Qin et al. 2024 Sec. 7; Gao et al. 2023).")
+    p.add_argument("--model", required=True, help="the reward model under test (checkpoint folder)")
+    p.add_argument("--gold-model", required=True, help="the judge reward model (checkpoint folder)")
+    p.add_argument("--input", required=True, help="JSONL rows {prompt, responses} with the most candidates needed")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--ns", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--trials", type=int, default=64, help="random subsets per prompt and N")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rows = read_prompt_responses(a.input)
+    prompts, responses = [r["prompt"] for r in rows], [r["responses"] for r in rows]
+    ns = [int(x) for x in a.ns.split(",")]
+    model = _to_device(RewardModel.from_pretrained(a.model))
+    gold = _to_device(RewardModel.from_pretrained(a.gold_model))
+    s = score(model, prompts, responses, tokenizer=load_tokenizer(None, a.model))
+    g = score(gold, prompts, responses, tokenizer=load_tokenizer(None, a.gold_model))
+    curve = win_rate_curve(s, g, ns, trials=a.trials, seed=a.seed)
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bon_win_rate.json").write_text(json.dumps(curve, indent=2))
+    plot_win_rate({"model": curve}, out / "bon_win_rate.png")
+    for n, w in zip(curve["n"], curve["win_rate"]):
+        print(f"N={n:4d}  win rate vs random {w:.3f}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "score": cmd_score, "bon-eval": cmd_bon_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: fastrm {demo,train,eval,score,bon-eval} [--help]\n\n"
+              "  demo      train a tiny model on the built-in synthetic task (no download)\n"
+              "  train     train a reward model on preference pairs\n"
+              "  eval      accuracy and reward-margin statistics of a checkpoint\n"
+              "  score     score {prompt, responses} rows, pick the best of N\n"
+              "  bon-eval  best-of-N win rate against random, judged by a gold reward model")
+        return 0 if argv and argv[0] in ("-h", "--help") else (2 if argv else 0)
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Scoring: rewards of prompt/response texts, and best-of-N selection.
+
+One prompt with N candidate responses packs as one shared-prompt segment ``[prompt | r_1 | ... | r_N]`` by default
+(the prompt is computed once; each response sees exactly what it would see alone), or as N separate sequences
+with ``prefix_sharing=False``. Both give the same scores (tested). Used in-process (``fastrm score``,
+``RewardModel.score``) and by the Ray Data job (ray_jobs/best_of_n.py), so all three agree.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastrm.packing import group_cost, pack_prompt_responses, plan_micro_batches
+
+
+def truncate_group(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Fit prompt + each response into ``max_length``: cut the shared prompt from its left so the longest response
+    fits; a response longer than ``max_length`` alone keeps its last ``max_length`` tokens (the pooled end) and the
+    group then drops the prompt (same rule as fastrm.data for pairs)."""
+    longest = max(len(r) for r in responses)
+    if longest > max_length:
+        return [], [r[-max_length:] for r in responses]
+    room = max_length - longest
+    return (prompt[len(prompt) - room:] if room < len(prompt) else prompt), responses
+
+
+def tokenize_groups(
+    tokenizer, prompts: Sequence[str], responses: Sequence[Sequence[str]], *, max_length: int = 2048,
+    append_eos: bool = True,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Token ids of prompts and their responses (batched), EOS appended to responses, truncated per group."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    flat = [r for rs in responses for r in rs]
+    r_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    eos = tokenizer.eos_token_id if append_eos else None
+    out_p, out_r, k = [], [], 0
+    for g, rs in enumerate(responses):
+        group = []
+        for j in range(len(rs)):
+            ids = list(r_ids[k]) + ([eos] if eos is not None else [])
+            k += 1
+            if not ids:
+                raise ValueError(f"prompt {g}, response {j}: empty response (nothing to score)")
+            group.append(ids)
+        if not group:
+            raise ValueError(f"prompt {g}: no responses")
+        p, group = truncate_group(list(p_ids[g]), group, max_length)
+        out_p.append(p)
+        out_r.append(group)
+    return out_p, out_r
+
+
+@torch.no_grad()
+def score_token_groups(
+    model, prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], *, max_tokens_per_batch: int = 16384,
+    prefix_sharing: bool = True, autocast: bool | None = None,
+) -> list[list[float]]:
+    """Rewards [N_g] for each group of token ids, in input order."""
+    layout = "shared_prompt" if prefix_sharing else "separate"
+    device = next(model.parameters()).device
+    autocast = device.type == "cuda" if autocast is None else autocast
+    was_training = model.training
+    model.eval()
+    costs = [group_cost(len(p), [len(r) for r in rs], layout) for p, rs in zip(prompts, responses)]
+    out: list[list[float] | None] = [None] * len(prompts)
+    for b in plan_micro_batches(costs, max_tokens_per_batch, [f"prompt {i}" for i in range(len(prompts))]):
+        batch = pack_prompt_responses([prompts[i] for i in b], [responses[i] for i in b], layout).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            r = model(batch).float().cpu().tolist()
+        k = 0
+        for i in b:
+            n = len(responses[i])
+            out[i] = r[k:k + n]
+            k += n
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def score(
+    model, prompts: Sequence[str], responses: Sequence[Sequence[str]], *, tokenizer=None, max_length: int = 2048,
+    max_tokens_per_batch: int = 16384, prefix_sharing: bool = True, append_eos: bool = True,
+) -> list[list[float]]:
+    """Rewards of each prompt's responses: ``score(model, ["Q"], [["A1", "A2"]]) -> [[r1, r2]]``."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("scoring texts needs a tokenizer (pass tokenizer=, or load a checkpoint that has one)")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, one per group")
+    p, r = tokenize_groups(tokenizer, prompts, responses, max_length=max_length, append_eos=append_eos)
+    return score_token_groups(model, p, r, max_tokens_per_batch=max_tokens_per_batch, prefix_sharing=prefix_sharing)
+
+
+def best_of_n(scores: Sequence[float], top_k: int | None = None) -> dict:
+    """The best response of one group: index of the highest score (the first on ties) and optional top-k indices."""
+    if not scores:
+        raise ValueError("no scores")
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    out = {"best_index": best}
+    if top_k:
+        out["top_k"] = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_k]
+    return out
+
+
+def score_rows(model, rows: list[dict], *, tokenizer=None, top_k: int | None = None, **kwargs) -> list[dict]:
+    """Best-of-N over rows {"prompt", "responses"}: each row gains scores, best_index, best_response (and top_k)."""
+    scores = score(model, [r["prompt"] for r in rows], [r["responses"] for r in rows], tokenizer=tokenizer, **kwargs)
+    out = []
+    for row, s in zip(rows, scores):
+        pick = best_of_n(s, top_k)
+        out.append({**row, "scores": s, **pick, "best_response": row["responses"][pick["best_index"]]})
+    return out

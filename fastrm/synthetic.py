@@ -1,0 +1,48 @@
+"""The embedded default: a byte-level tokenizer and a synthetic preference task that need no download.
+
+The task: a prompt asks for a remark about a person; the chosen response uses a kind adjective and the rejected
+one an unkind adjective, in varied sentence frames, with 10% of the labels flipped (so accuracy tops out near 0.9
+and the margin distribution has a visible left tail). A tiny backbone learns it in a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+NAMES = ["Ada", "Bob", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Mo", "Nia", "Omar",
+         "Pia", "Quinn", "Rosa", "Sam", "Tara"]
+KIND = ["kind", "generous", "helpful", "honest", "patient", "brave", "clever", "warm", "thoughtful", "gentle"]
+UNKIND = ["rude", "lazy", "selfish", "dishonest", "impatient", "cruel", "careless", "cold", "petty", "bitter"]
+FRAMES = ["{n} is {a}.", "I think {n} is very {a}.", "Everyone says {n} is {a}.", "{n}? Always so {a}.",
+          "Honestly, {n} seems {a} to me."]
+PROMPTS = ["Say something about {n}.", "What do you think of {n}?", "Describe {n} in a sentence.",
+           "Tell me about {n}, please."]
+
+
+def synthetic_pairs(n: int, seed: int = 0, flip: float = 0.1) -> list[dict]:
+    """``n`` rows of {"prompt", "chosen", "rejected"} (seeded)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name = rng.choice(NAMES)
+        frame_c, frame_r = rng.choice(FRAMES), rng.choice(FRAMES)
+        good = frame_c.format(n=name, a=rng.choice(KIND))
+        bad = frame_r.format(n=name, a=rng.choice(UNKIND))
+        if rng.random() < flip:
+            good, bad = bad, good
+        rows.append({"prompt": rng.choice(PROMPTS).format(n=name) + "\n", "chosen": " " + good, "rejected": " " + bad})
+    return rows
+
+
+def byte_tokenizer():
+    """A byte-level Hugging Face fast tokenizer (256 byte tokens + <|endoftext|>), built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
