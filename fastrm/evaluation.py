@@ -60,13 +60,15 @@ def _budget_order(pairs, part: list[int], max_tokens: int, layout: str) -> list[
 def margin_statistics(margins: np.ndarray) -> dict:
     """Accuracy and the shape of the margin distribution d = r_c - r_r.
 
-    accuracy counts d > 0 (a tie is wrong); skewness and (excess) kurtosis are scipy's bias-corrected estimates.
+    accuracy counts d > 0 (a tie is wrong); bt_loss is the Bradley-Terry log-loss -log sigmoid(d), comparable
+    across training losses (the threshold loss's own value grows as margins spread); skewness and (excess) kurtosis are scipy's bias-corrected estimates.
     """
     d = np.asarray(margins, dtype=np.float64)
     n = d.size
     out = {
         "num_pairs": int(n),
         "accuracy": float((d > 0).mean()) if n else float("nan"),
+        "bt_loss": float(np.logaddexp(0.0, -d).mean()) if n else float("nan"),  # -log sigmoid(d): the fit
         "margin_mean": float(d.mean()) if n else float("nan"),
         "margin_std": float(d.std(ddof=1)) if n > 1 else float("nan"),
         "margin_skewness": float(sps.skew(d, bias=False)) if n > 2 and d.std() > 0 else float("nan"),

@@ -168,8 +168,9 @@ class RewardTrainer:
             mu_grad = mu_cross_term(s, n_global / dist.world_size(), int(tot[1].item()))
         return mu, mu_grad
 
-    def train_step(self, pairs: Sequence, n_global: int) -> dict:
-        """Forward/backward over this rank's share of a step and one optimizer update; returns step metrics."""
+    def accumulate_gradients(self, pairs: Sequence, n_global: int) -> dict:
+        """Forward/backward over this rank's share of a step (gradients accumulate in .grad); returns the step's
+        raw numbers: summed stats [5], local pair and token counts, micro-batch count, and the step mu if any."""
         a = self.args
         weight = 1.0
         if not pairs:  # fewer pairs in the step than ranks: take part in the all-reduce with zero weight
@@ -182,31 +183,38 @@ class RewardTrainer:
         sums = torch.zeros(5, device=self.device)
         tokens = 0
         for i, mb in enumerate(mbs):
-            sync = i == len(mbs) - 1
-            ctx = self.ddp_model.no_sync() if (not sync and self.ddp_model is not self.model) else nullcontext()
+            last = i == len(mbs) - 1
+            ctx = self.ddp_model.no_sync() if (not last and self.ddp_model is not self.model) else nullcontext()
             with ctx:
                 loss, _, s = self._forward(mb, loss=self.loss_cfg, mu=mu, mu_grad=mu_grad, normalizer=normalizer)
                 (loss * weight).backward()
             sums += s.float() * weight
             tokens += mb.num_tokens
-        if mu is not None:  # the step's mu, not a sum of per-micro-batch ones
-            sums[4] = mu
-        elif len(mbs) > 1 and a.loss in USES_MEAN:
-            sums[4] = sums[4] / len(mbs)
+        # sums[4] adds up per-micro-batch mus; report the step mu, or the mean of the micro-batch mus
+        mu_report = float(mu) if mu is not None else float(sums[4]) / len(mbs)
+        return {"sums": sums, "pairs": 0 if weight == 0 else len(pairs), "tokens": tokens, "micro_batches": len(mbs),
+                "mu": mu_report}
+
+    def optimizer_update(self) -> float | None:
+        """Clip, step the optimizer and the schedule, zero the gradients; returns the pre-clip gradient norm."""
         grad_norm = None
-        if a.max_grad_norm and a.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm))
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        n_local = 0 if weight == 0 else len(pairs)
-        mu_val = float(sums[4])
-        sums = dist.all_reduce_sum(sums)
-        counts = dist.all_reduce_sum(torch.tensor([float(n_local), float(tokens)], device=self.device))
+        return grad_norm
+
+    def train_step(self, pairs: Sequence, n_global: int) -> dict:
+        """One optimizer step on this rank's share of a step's pairs; returns the step's metrics (all ranks)."""
+        r = self.accumulate_gradients(pairs, n_global)
+        grad_norm = self.optimizer_update()
+        sums = dist.all_reduce_sum(r["sums"])
+        counts = dist.all_reduce_sum(torch.tensor([float(r["pairs"]), float(r["tokens"])], device=self.device))
         m = stats_from_sums(sums, int(counts[0].item()))
         m.pop("sums")
-        m["mu"] = mu_val if mu is not None or dist.world_size() == 1 else float(sums[4]) / dist.world_size()
-        m.update(tokens=int(counts[1].item()), micro_batches=len(mbs), lr=self.scheduler.get_last_lr()[0])
+        m.update(mu=r["mu"], tokens=int(counts[1].item()), micro_batches=r["micro_batches"],
+                 lr=self.scheduler.get_last_lr()[0])
         if grad_norm is not None:
             m["grad_norm"] = grad_norm
         return m
@@ -323,6 +331,10 @@ class RewardTrainer:
             raise FileNotFoundError(f"{path}: not a fastrm checkpoint (no {STATE_FILE})")
         self.model.load_weights(path)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        for key in ("seed", "pairs_per_step"):  # they fix the data order: another value would silently diverge
+            if state["config"].get(key) != getattr(self.args, key):
+                raise ValueError(f"{path}: checkpoint was trained with {key}={state['config'].get(key)}, "
+                                 f"this run has {key}={getattr(self.args, key)}; resume with the same value")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
