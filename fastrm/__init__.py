@@ -1,1 +1,12 @@
-"""fastrm: fast reward-model training for RLHF."""
+"""fastrm: fast reward-model training for RLHF.
+
+Stages, one module each: data -> packing -> attention/model -> losses -> trainer -> evaluation (+ scoring, cli).
+"""
+
+from fastrm.config import RewardConfig
+from fastrm.losses import pairwise_loss
+from fastrm.model import LossConfig, RewardModel
+from fastrm.trainer import RewardTrainer
+
+__all__ = ["RewardConfig", "RewardModel", "RewardTrainer", "LossConfig", "pairwise_loss"]
+__version__ = "0.1.0"

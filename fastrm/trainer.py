@@ -230,7 +230,7 @@ class RewardTrainer:
             self.load_checkpoint(a.resume_from_checkpoint)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(a.to_dict(), indent=2))
+            (self.out / "training_config.json").write_text(json.dumps(a.to_dict(), indent=2))
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not (a.progress and dist.is_main()))
