@@ -1,8 +1,8 @@
 """Varlen attention for packed batches, plugged into any transformers backbone through ``AttentionInterface``.
 
 The backbone is loaded with ``attn_implementation="fastrm_varlen"``; ``RewardModel`` passes the batch's
-:class:`~fastrm.packing.AttentionPlan` as the keyword ``fastrm_plan`` to the backbone's forward, and transformers
-hands it to :func:`packed_attention` in every layer (checked for Llama, Qwen2, GPT-NeoX and GPT-2; keyword
+:class:`~fastrm.packing.AttentionPlan` as the keyword ``fastrm_plan`` (and the back end as ``fastrm_backend``) to
+the backbone's forward, and transformers hands them to :func:`packed_attention` in every layer (checked for Llama, Qwen2, GPT-NeoX and GPT-2; keyword
 arguments also survive gradient checkpointing, unlike a global). No 4-D mask is built.
 
 Back ends, in order of preference for ``backend="auto"``:
@@ -10,6 +10,10 @@ Back ends, in order of preference for ``backend="auto"``:
 * ``flash``: ``flash_attn.flash_attn_varlen_func`` (``pip install fastrm[flash]``, CUDA).
 * ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention inside PyTorch >= 2.10, CUDA).
 * ``exact``: a loop of ``scaled_dot_product_attention`` over the plan's groups; exact, any device; the CPU path.
+
+``flex`` (FlexAttention with a ``BlockMask`` built once per batch from the plan's per-token document and branch
+ids; compiled on CUDA, eager elsewhere) is available by name, not chosen by ``auto``: which of it and varlen is
+faster for shared prompts is a GPU measurement (benchmarks/).
 
 All three take the plan as it is: query groups with their own key lists, causal aligned bottom-right, which is
 both plain packing and shared-prompt packing (see packing.py).
@@ -27,8 +31,7 @@ import torch.nn.functional as F
 from fastrm.packing import AttentionPlan
 
 ATTN_NAME = "fastrm_varlen"
-BACKENDS = ("auto", "flash", "torch_varlen", "exact")
-_backend_override: list[str] = ["auto"]
+BACKENDS = ("auto", "flash", "torch_varlen", "exact", "flex")
 
 
 @lru_cache(maxsize=None)
@@ -91,6 +94,8 @@ def varlen_attention(
         [T, Hq, D] attention output, dtype of q.
     """
     backend = resolve_backend(backend, q.device)
+    if backend == "flex":
+        return _flex_attention(q, k, v, plan, scale)
     kk, vv = _gather_keys(k, v, plan)
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
@@ -149,11 +154,31 @@ def _exact_attention(q, k, v, plan: AttentionPlan, scale, dropout_p):
     return out
 
 
-def set_backend(name: str) -> None:
-    """Choose the back end the registered attention function uses (process-wide; RewardModel sets it)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
-    _backend_override[0] = name
+@lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(q, k, v, plan: AttentionPlan, scale):
+    """FlexAttention over the whole packed batch with the plan's per-token rule as a BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.shape[0]
+    mask = plan.cache.get("flex_block_mask")
+    if mask is None:
+        doc, br = plan.doc_ids, plan.branch_ids
+
+        def rule(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (ki <= qi) & ((br[ki] == 0) | (br[ki] == br[qi]))
+
+        mask = create_block_mask(rule, None, None, T, T, device=q.device)
+        plan.cache["flex_block_mask"] = mask  # built once per batch, reused by every layer
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=mask, scale=scale,
+             enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -174,7 +199,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     p = dropout if module.training else 0.0
     out = varlen_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), plan,
-        scale=scaling, dropout_p=p, backend=_backend_override[0],
+        scale=scaling, dropout_p=p, backend=kwargs.get("fastrm_backend", "auto"),
     )
     return out.unsqueeze(0), None
 

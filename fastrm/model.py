@@ -140,7 +140,6 @@ class RewardModel(nn.Module):
         self.score = score
         score.__dict__["_owner"] = weakref.ref(self)
         self.attn_backend = attn_backend
-        attention.set_backend(attn_backend)
         self.fused = fused
         self.tokenizer = None  # set by from_pretrained / the trainer when known
 
@@ -241,6 +240,7 @@ class RewardModel(nn.Module):
             input_ids=batch.input_ids.unsqueeze(0),
             position_ids=batch.position_ids.unsqueeze(0),
             fastrm_plan=batch.attn,
+            fastrm_backend=self.attn_backend,
             use_cache=False,
         )
         return out.last_hidden_state[0]

@@ -51,14 +51,16 @@ class AttentionPlan:
     max_q: int
     max_k: int
     k_index: torch.Tensor | None = None  # [K] int64, rows of the packed batch
+    # The same rule per token, for mask-based back ends (FlexAttention): row q sees row k iff doc[q] == doc[k],
+    # k <= q, and branch[k] is 0 (a shared prompt) or branch[q]. Responses are branches 1..N of their segment.
+    doc_ids: torch.Tensor | None = None  # [T] int32
+    branch_ids: torch.Tensor | None = None  # [T] int32
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # per-batch derived masks
 
     def to(self, device) -> "AttentionPlan":
-        return replace(
-            self,
-            cu_q=self.cu_q.to(device, non_blocking=True),
-            cu_k=self.cu_k.to(device, non_blocking=True),
-            k_index=None if self.k_index is None else self.k_index.to(device, non_blocking=True),
-        )
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return replace(self, cu_q=mv(self.cu_q), cu_k=mv(self.cu_k), k_index=mv(self.k_index),
+                       doc_ids=mv(self.doc_ids), branch_ids=mv(self.branch_ids), cache={})
 
 
 @dataclass
@@ -156,6 +158,8 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
     """Pack groups (prompt, [responses]) in order. Returns the flat tensors and the pooled rows per group."""
     ids: list[int] = []
     pos: list[int] = []
+    doc: list[int] = []
+    branch: list[int] = []
     seg_bounds = [0]
     q_bounds = [0]
     k_bounds = [0]
@@ -172,15 +176,17 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
             if P:
                 ids.extend(prompt)
                 pos.extend(range(P))
+                branch.extend([0] * P)
                 q_bounds.append(len(ids))
                 k_index.extend(range(start, start + P))
                 k_bounds.append(len(k_index))
                 max_q, max_k = max(max_q, P), max(max_k, P)
-            for r in resps:
+            for j, r in enumerate(resps):
                 R = len(r)
                 r0 = len(ids)
                 ids.extend(r)
                 pos.extend(range(P, P + R))
+                branch.extend([j + 1] * R)
                 q_bounds.append(len(ids))
                 k_index.extend(range(start, start + P))
                 k_index.extend(range(r0, r0 + R))
@@ -189,6 +195,7 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
                 rows.append(len(ids) - 1)
                 unshared += P + R
             seg_bounds.append(len(ids))
+            doc.extend([len(seg_bounds) - 2] * (len(ids) - start))
             max_seg = max(max_seg, len(ids) - start)
         else:
             for r in resps:
@@ -196,6 +203,8 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
                 ids.extend(r)
                 L = P + len(r)
                 pos.extend(range(L))
+                doc.extend([len(seg_bounds) - 1] * L)
+                branch.extend([0] * L)
                 seg_bounds.append(len(ids))
                 max_seg = max(max_seg, L)
                 rows.append(len(ids) - 1)
@@ -212,6 +221,8 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
     else:
         cu = torch.tensor(seg_bounds, dtype=torch.int32)
         plan = AttentionPlan(cu_q=cu, cu_k=cu, max_q=max_seg, max_k=max_seg)
+    plan.doc_ids = torch.tensor(doc, dtype=torch.int32)
+    plan.branch_ids = torch.tensor(branch, dtype=torch.int32)
     return (
         torch.tensor(ids, dtype=torch.int64),
         torch.tensor(pos, dtype=torch.int64),

@@ -152,3 +152,39 @@ def test_causal_lm_checkpoint_loads_with_a_new_head(tmp_path):
     torch.testing.assert_close(rm.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
     torch.testing.assert_close(rm.final_norm.weight, lm.model.norm.weight)
     assert rm.score.weight.shape == (1, lm.config.hidden_size)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, on purpose
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-neox"])
+def test_flex_attention_backend_equals_exact(preset):
+    """FlexAttention (eager on CPU) with the plan's BlockMask gives the exact path's rewards, both layouts."""
+    model = make_model(preset)
+    pairs = rand_pairs(4, seed=11)
+    pairs[2].prompt_ids = []
+    for layout in ("separate", "shared_prompt"):
+        batch = pack_pairs(pairs, layout)
+        with torch.no_grad():
+            model.attn_backend = "exact"
+            want = model(batch)
+            model.attn_backend = "flex"
+            got = model(batch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_token_rule_matches_the_group_description():
+    """The per-token rule (doc, branch) that mask back ends use allows exactly the keys of the group plan."""
+    pairs = rand_pairs(3, seed=2)
+    pairs[1].prompt_ids = []
+    b = pack_pairs(pairs, "shared_prompt")
+    T, plan = b.num_tokens, b.attn
+    from_groups = torch.zeros(T, T, dtype=torch.bool)
+    cu_q, cu_k = plan.cu_q.tolist(), plan.cu_k.tolist()
+    for g in range(len(cu_q) - 1):
+        keys = plan.k_index[cu_k[g]:cu_k[g + 1]]
+        Q, K = cu_q[g + 1] - cu_q[g], len(keys)
+        for i in range(Q):
+            from_groups[cu_q[g] + i, keys[: i + K - Q + 1]] = True
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    doc, br = plan.doc_ids, plan.branch_ids
+    rule = (doc[qi] == doc[ki]) & (ki <= qi) & ((br[ki] == 0) | (br[ki] == br[qi]))
+    assert torch.equal(rule, from_groups)

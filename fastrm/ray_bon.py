@@ -1,0 +1,335 @@
+"""Best-of-N on Ray Data: score N candidate responses per prompt with a pool of reward-model actors.
+
+Pipeline (streaming; the driver never holds the whole input)::
+
+    JSONL files (read tasks, one per file, parsed and validated line by line)  or  a datasets.Dataset
+      -> map_batches(BestOfNScorer, actor pool: one model per actor, ``batch_size`` prompts per call)
+      -> driver: iter_batches in input order -> output JSONL / Parquet + errors JSONL
+
+Rules (the same as ``fastrm score``, whose row parser this reuses):
+
+* A row is ``{"prompt": str, "responses": [str, ...]}`` (N >= 1; the prompt may be ""). Anything else (invalid
+  JSON, a missing field, a non-string, an empty list) goes to the errors file with its source (``path:line`` or
+  ``dataset[i]``), its 0-based ``row`` and the reason, and is left out of the main output. Nothing is dropped
+  silently: every input row ends up in exactly one of the two files (blank lines are not rows).
+* An empty response string is an error for the whole row: it has no token of its own to pool, so its "reward"
+  would be the prompt's. Filter or fill such responses before scoring.
+* Ties go to the first index (``fastrm.scoring.best_of_n``); N = 1 picks index 0.
+* The main output keeps the input order of the valid rows (``DataContext.execution_options.preserve_order``).
+
+Scores equal in-process ``fastrm.scoring.score_rows`` (shared-prompt packing by default). A prompt whose N
+responses do not fit one micro-batch (``max_tokens_per_batch``) is scored in several chunks of responses, each
+with the prompt: every response still sees exactly the prompt and itself, so the scores are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PARSED_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("source", pa.string()), ("prompt", pa.string()), ("responses", pa.list_(pa.string())),
+    ("error", pa.string()),
+])
+SCORED_FIELDS = [("scores", pa.list_(pa.float64())), ("best_index", pa.int64()), ("best_response", pa.string()),
+                 ("top_k", pa.list_(pa.int64()))]
+OUTPUT_COLUMNS = ["prompt", "responses", "source", "scores", "best_index", "best_response"]
+_BLOCK_ROWS = 1024
+
+
+def _parse(row: Any) -> tuple[str, list[str], str | None]:
+    """(prompt, responses, None) for a valid row, else ("", [], reason)."""
+    from fastrm.data import _parse_prompt_row, _RowError
+
+    try:
+        prompt, responses = _parse_prompt_row(row)
+    except _RowError as e:
+        return "", [], e.detail()
+    return prompt, responses, None
+
+
+def _parsed_table(rows: list[int], sources: list[str], parsed: list[tuple]) -> pa.Table:
+    return pa.table({"row": rows, "source": sources, "prompt": [p[0] for p in parsed],
+                     "responses": [p[1] for p in parsed], "error": [p[2] for p in parsed]}, schema=PARSED_SCHEMA)
+
+
+def _jsonl_datasource(paths: list[str]):
+    from ray.data.datasource import FileBasedDatasource
+
+    class JsonlRowsDatasource(FileBasedDatasource):
+        """Each non-blank line -> one parsed row (line numbers kept; a bad line becomes an error row)."""
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            rows, sources, parsed = [], [], []
+            row, lineno, rest = 0, 0, b""
+            while True:
+                chunk = f.read(1 << 20)
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop() if chunk else b""
+                for raw in lines:
+                    lineno += 1
+                    if not raw.strip():
+                        continue
+                    try:
+                        p = _parse(json.loads(raw))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        p = ("", [], f"invalid JSON: {e}")
+                    rows.append(row)
+                    sources.append(f"{path}:{lineno}")
+                    parsed.append(p)
+                    row += 1
+                    if len(rows) >= _BLOCK_ROWS:
+                        yield _parsed_table(rows, sources, parsed)
+                        rows, sources, parsed = [], [], []
+                if not chunk:
+                    break
+            if rows:
+                yield _parsed_table(rows, sources, parsed)
+
+    return JsonlRowsDatasource(paths)
+
+
+def _parse_dataset_batch(batch: pa.Table) -> pa.Table:
+    rows = batch.column("__row__").to_pylist()
+    cols = [c for c in batch.column_names if c != "__row__"]
+    records = batch.select(cols).to_pylist()
+    return _parsed_table(rows, [f"dataset[{i}]" for i in rows], [_parse(r) for r in records])
+
+
+def read_input(source: Any, *, split: str = "train"):
+    """A Ray Dataset of parsed rows (PARSED_SCHEMA) from JSONL path(s) or a ``datasets.Dataset`` (or a folder
+    written by ``Dataset.save_to_disk``)."""
+    import ray.data
+
+    from fastrm.data import DataError
+
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        import datasets
+
+        source = datasets.load_from_disk(str(source))
+        if isinstance(source, datasets.DatasetDict):
+            source = source[split]
+    if type(source).__module__.startswith("datasets"):
+        import datasets
+
+        if not isinstance(source, datasets.Dataset):
+            raise DataError(f"expected a datasets.Dataset (one split), got {type(source).__name__}")
+        table = source.with_format("arrow")[:]
+        table = table.append_column("__row__", pa.array(range(table.num_rows), pa.int64()))
+        return ray.data.from_arrow(table).map_batches(_parse_dataset_batch, batch_format="pyarrow")
+    paths = [str(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
+    for p in paths:
+        if not p.endswith((".jsonl", ".jsonl.gz")):
+            raise DataError(f"{p}: the Ray best-of-N job reads .jsonl / .jsonl.gz files or a datasets folder")
+        if "://" not in p and not Path(p).is_file():
+            raise DataError(f"{p}: no such file")
+    paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
+    return ray.data.read_datasource(_jsonl_datasource(paths))
+
+
+class BestOfNScorer:
+    """Ray Data callable class: loads the reward model once per actor, scores batches of parsed rows.
+
+    Input columns: PARSED_SCHEMA. Output: the same plus scores, best_index, best_response, top_k (null for rows
+    with an error; a row that cannot be scored gets an error here).
+    """
+
+    def __init__(self, model_path: str, tokenizer: str | None = None, *, use_gpu: bool = False, top_k: int | None = None,
+                 max_length: int = 2048, max_tokens_per_batch: int = 16384, prefix_sharing: bool = True,
+                 append_eos: bool = True):
+        import torch
+
+        from fastrm.cli import load_tokenizer
+        from fastrm.model import RewardModel
+
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.model = RewardModel.from_pretrained(model_path).to(self.device).eval()
+        self.tokenizer = load_tokenizer(tokenizer, model_path) if tokenizer or self.model.tokenizer is None \
+            else self.model.tokenizer
+        self.top_k, self.max_length, self.budget = top_k, max_length, max_tokens_per_batch
+        self.prefix_sharing, self.append_eos = prefix_sharing, append_eos
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from fastrm.scoring import best_of_n
+
+        rows = batch.to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        scored = self._score([rows[i] for i in todo])
+        extra: dict[str, list] = {name: [None] * len(rows) for name, _ in SCORED_FIELDS}
+        errors = [r["error"] for r in rows]
+        for i, s in zip(todo, scored):
+            if isinstance(s, str):
+                errors[i] = s
+                continue
+            pick = best_of_n(s, self.top_k)
+            extra["scores"][i] = s
+            extra["best_index"][i] = pick["best_index"]
+            extra["best_response"][i] = rows[i]["responses"][pick["best_index"]]
+            extra["top_k"][i] = pick.get("top_k")
+        cols = {name: batch.column(name) for name in PARSED_SCHEMA.names if name != "error"}
+        cols.update({name: pa.array(extra[name], typ) for name, typ in SCORED_FIELDS})
+        cols["error"] = pa.array(errors, pa.string())
+        return pa.table(cols)
+
+    def _score(self, rows: list[dict]) -> list[list[float] | str]:
+        """Scores per row, or the reason a row cannot be scored."""
+        from fastrm.scoring import score_token_groups, tokenize_groups
+
+        if not rows:
+            return []
+        kw = dict(max_length=self.max_length, append_eos=self.append_eos)
+        try:
+            toks = list(zip(*tokenize_groups(self.tokenizer, [r["prompt"] for r in rows],
+                                             [r["responses"] for r in rows], **kw)))
+        except ValueError:  # isolate the row(s) that cannot be tokenized (e.g. a response with no tokens)
+            toks = []
+            for r in rows:
+                try:
+                    p, rs = tokenize_groups(self.tokenizer, [r["prompt"]], [r["responses"]], **kw)
+                    toks.append((p[0], rs[0]))
+                except ValueError as e:
+                    toks.append(str(e).removeprefix("prompt 0, "))
+        # Split each row's responses into chunks that fit one micro-batch with the prompt.
+        groups, owners = [], []
+        out: list[Any] = [None] * len(rows)
+        for i, t in enumerate(toks):
+            if isinstance(t, str):
+                out[i] = t
+                continue
+            chunks = self._chunks(*t)
+            if isinstance(chunks, str):
+                out[i] = chunks
+                continue
+            for c in chunks:
+                groups.append(c)
+                owners.append(i)
+        if groups:
+            res = score_token_groups(self.model, [g[0] for g in groups], [g[1] for g in groups],
+                                     max_tokens_per_batch=self.budget, prefix_sharing=self.prefix_sharing)
+            for i, s in zip(owners, res):
+                out[i] = (out[i] or []) + s
+        return out
+
+    def _chunks(self, prompt: list[int], responses: list[list[int]]):
+        shared = self.prefix_sharing
+        chunks, cur, cost = [], [], len(prompt) if shared else 0
+        for r in responses:
+            c = len(r) + (0 if shared else len(prompt))
+            if (len(prompt) if shared else 0) + c > self.budget:
+                return (f"a response needs {len(prompt) + len(r)} tokens with its prompt, more than "
+                        f"max_tokens_per_batch={self.budget}")
+            if cur and cost + c > self.budget:
+                chunks.append((prompt, cur))
+                cur, cost = [], len(prompt) if shared else 0
+            cur.append(r)
+            cost += c
+        chunks.append((prompt, cur))
+        return chunks
+
+
+class _Writer:
+    """Appends rows to a .jsonl or .parquet file as they stream in."""
+
+    def __init__(self, path: str, columns: list[str], schema: pa.Schema):
+        self.path, self.columns, self.schema = Path(path), columns, schema
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.parquet = self.path.suffix == ".parquet"
+        if self.parquet:
+            import pyarrow.parquet as pq
+
+            self._pq = pq.ParquetWriter(str(self.path), schema)
+        else:
+            self._fh = open(self.path, "w", encoding="utf-8")
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(self.columns)
+        if self.parquet:
+            self._pq.write_table(table.cast(self.schema))
+        else:
+            for rec in table.to_pylist():
+                self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        (self._pq if self.parquet else self._fh).close()
+
+
+def default_errors_path(output: str) -> str:
+    p = Path(output)
+    name = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.stem
+    return str(p.with_name(name + ".errors.jsonl"))
+
+
+def run_best_of_n(
+    source: Any,
+    output: str,
+    model: str,
+    *,
+    errors: str | None = None,
+    tokenizer: str | None = None,
+    batch_size: int = 32,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+    cpus_per_actor: float = 1.0,
+    top_k: int | None = None,
+    max_length: int = 2048,
+    max_tokens_per_batch: int = 16384,
+    prefix_sharing: bool = True,
+    append_eos: bool = True,
+    split: str = "train",
+) -> dict:
+    """Score every row of ``source`` with the reward model checkpoint ``model`` on Ray Data; write ``output``.
+
+    Args:
+        source: .jsonl / .jsonl.gz path(s) visible on every node, a ``datasets.Dataset``, or a datasets folder.
+        output: .jsonl or .parquet: the valid rows in input order with scores, best_index, best_response (top_k).
+        model: a reward-model checkpoint folder (``RewardModel.save_pretrained``), readable on every node.
+        errors: where the rejected rows go (default ``<output stem>.errors.jsonl``).
+        batch_size: prompts per actor call; num_actors: the actor pool (one per GPU with ``use_gpu``).
+        top_k, max_length, max_tokens_per_batch, prefix_sharing, append_eos: as for ``fastrm score``.
+
+    Returns:
+        {"rows": valid rows written, "errors": rejected rows, "output": ..., "errors_path": ...}
+    """
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = read_input(source, split=split)
+    ds = ds.map_batches(
+        BestOfNScorer,
+        fn_constructor_args=(os.path.abspath(model) if os.path.exists(model) else model, tokenizer),
+        fn_constructor_kwargs=dict(use_gpu=use_gpu, top_k=top_k, max_length=max_length,
+                                   max_tokens_per_batch=max_tokens_per_batch, prefix_sharing=prefix_sharing,
+                                   append_eos=append_eos),
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+    )
+    errors = errors or default_errors_path(output)
+    columns = OUTPUT_COLUMNS + (["top_k"] if top_k else [])
+    types = {**{f.name: f.type for f in PARSED_SCHEMA}, **dict(SCORED_FIELDS)}
+    out = _Writer(output, columns, pa.schema([(c, types[c]) for c in columns]))
+    err = _Writer(errors, ["source", "row", "reason"],
+                  pa.schema([("source", pa.string()), ("row", pa.int64()), ("reason", pa.string())]))
+    n_ok = n_err = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            bad = batch.column("error").is_valid()
+            good = batch.filter(pc.invert(bad))
+            failed = batch.filter(bad).rename_columns(
+                ["reason" if c == "error" else c for c in batch.column_names])
+            out.write(good)
+            err.write(failed)
+            n_ok += good.num_rows
+            n_err += failed.num_rows
+    finally:
+        out.close()
+        err.close()
+    return {"rows": n_ok, "errors": n_err, "output": str(output), "errors_path": str(errors)}
