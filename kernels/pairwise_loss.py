@@ -1,0 +1,442 @@
+"""Fused pairwise reward-model loss (Bradley-Terry family) as one Triton program.
+
+The forward computes the loss, the statistics and dLoss/d(reward) in the same pass (as Liger-Kernel's fused
+cross-entropy does), so the backward is one multiply by grad_output. The op is registered as ``fastrm::pairwise_loss_fwd``
+so that ``torch.compile`` of surrounding code does not graph-break on it. ``pairwise_loss_ref`` is the plain PyTorch
+reference with the same semantics (autograd-differentiated).
+
+Loss kinds (d_i = r_c,i - r_r,i, softplus(x) = log(1 + e^x), so softplus(-x) = -log sigmoid(x)):
+
+* ``bt``          Bradley-Terry (Ouyang et al. 2022):            l_i = softplus(-d_i)
+* ``margin``      Llama-2 margin loss (Touvron et al. 2023):     l_i = softplus(-(d_i - m_i))
+* ``batch_mean``  batch-mean-centred BT:                         l_i = softplus(-(d_i - mu))
+* ``threshold``   Qin et al. 2024, Eq. 6-7:                      l_i = softplus(-(d_i - mu)) if d_i - mu < 0
+                                                                       else softplus(-d_i)
+
+mu = mean_i d_i over the call's pairs unless given; optional centring (Eisenstein et al. 2023) adds
+c * (r_c,i + r_r,i)^2 to l_i; loss = sum_i l_i / normalizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOSS_KINDS: dict[str, int] = {"bt": 0, "margin": 1, "batch_mean": 2, "threshold": 3}
+MEAN_KINDS = ("batch_mean", "threshold")
+# Mu modes of the kernel: no mu (bt / margin), mean computed in-kernel, mean given by the caller.
+_MU_NONE, _MU_INTERNAL, _MU_EXTERNAL = 0, 1, 2
+# Index names of the stats vector (sums over the call's pairs, so callers can add them across micro-batches).
+STATS_FIELDS = ("loss_sum", "n_correct", "sum_diff", "n_under", "mu")
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|). tl has no portable log1p; below 1e-4 log(1 + e) rounds away e, so use
+    # the series e - e^2/2 (relative error < e^2/3).
+    e = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+
+@triton.jit
+def _sigmoid(x):
+    # e^-|x| lies in (0, 1], so neither branch overflows.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _pair_terms(rc, rr, m, mu, KIND: tl.constexpr):
+    """Per-pair loss l, dl/dd with mu held fixed (gd), dl/dmu (gmu) and the 'under the mean' flag."""
+    d = rc - rr
+    if KIND == 1:
+        z = d - m
+    elif KIND >= 2:
+        z = d - mu
+    else:
+        z = d
+    s = _sigmoid(-z)
+    loss = _softplus(-z)
+    gd = -s
+    gmu = s
+    under = z < 0
+    if KIND == 3:
+        # Above the batch mean the plain BT term applies, which does not depend on mu.
+        loss = tl.where(under, loss, _softplus(-d))
+        gd = tl.where(under, gd, -_sigmoid(-d))
+        gmu = tl.where(under, gmu, 0.0)
+    return d, loss, gd, gmu, under
+
+
+@triton.jit
+def _pairwise_loss_kernel(
+    rc_ptr,  # [B] chosen rewards (any float dtype), stride rc_stride
+    rr_ptr,  # [B] rejected rewards, stride rr_stride
+    m_ptr,  # [B] per-pair margins (KIND == margin only), stride m_stride
+    mu_ptr,  # [] externally supplied batch mean (MU_MODE == external only)
+    mu_grad_ptr,  # [] externally supplied cross-term gradient added to every dLoss/dd_j (HAS_MU_GRAD only)
+    loss_ptr,  # [] fp32 out: sum_i l_i / normalizer
+    stats_ptr,  # [5] fp32 out: see STATS_FIELDS
+    gc_ptr,  # [B] fp32 out: dLoss/d r_c (for grad_output = 1)
+    gr_ptr,  # [B] fp32 out: dLoss/d r_r
+    B,
+    rc_stride,
+    rr_stride,
+    m_stride,
+    inv_norm,
+    center,
+    KIND: tl.constexpr,
+    MU_MODE: tl.constexpr,
+    NEED_CROSS: tl.constexpr,  # detach_mean=False with in-kernel mu: add sum_i dl_i/dmu / B to each dl/dd_j
+    HAS_CENTER: tl.constexpr,
+    HAS_MU_GRAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # One program loops over blocks of pairs: mu is a reduction over all pairs, and B <= a few thousand, so a
+    # single program beats a multi-program launch plus a second reduction kernel.
+    offs0 = tl.arange(0, BLOCK_B).to(tl.int64)
+
+    # Pass A: the batch mean.
+    if MU_MODE == 1:
+        dsum = tl.zeros([BLOCK_B], tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            offs = b0 + offs0
+            bm = offs < B
+            rc = tl.load(rc_ptr + offs * rc_stride, mask=bm, other=0.0).to(tl.float32)
+            rr = tl.load(rr_ptr + offs * rr_stride, mask=bm, other=0.0).to(tl.float32)
+            dsum += rc - rr
+        mu = tl.sum(dsum, axis=0) / B
+    elif MU_MODE == 2:
+        mu = tl.load(mu_ptr).to(tl.float32)
+    else:
+        mu = 0.0
+    if HAS_MU_GRAD:
+        mu_grad = tl.load(mu_grad_ptr).to(tl.float32)
+    else:
+        mu_grad = 0.0
+
+    # Pass B: losses, statistics, and (unless the cross term is still unknown) the reward gradients.
+    l_acc = tl.zeros([BLOCK_B], tl.float32)
+    c_acc = tl.zeros([BLOCK_B], tl.float32)
+    d_acc = tl.zeros([BLOCK_B], tl.float32)
+    u_acc = tl.zeros([BLOCK_B], tl.float32)
+    gmu_acc = tl.zeros([BLOCK_B], tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs = b0 + offs0
+        bm = offs < B
+        rc = tl.load(rc_ptr + offs * rc_stride, mask=bm, other=0.0).to(tl.float32)
+        rr = tl.load(rr_ptr + offs * rr_stride, mask=bm, other=0.0).to(tl.float32)
+        if KIND == 1:
+            m = tl.load(m_ptr + offs * m_stride, mask=bm, other=0.0).to(tl.float32)
+        else:
+            m = rc  # unused
+        d, loss, gd, gmu, under = _pair_terms(rc, rr, m, mu, KIND)
+        if HAS_CENTER:
+            s = rc + rr
+            loss += center * s * s
+        l_acc += tl.where(bm, loss, 0.0)
+        c_acc += tl.where(bm & (d > 0), 1.0, 0.0)
+        d_acc += tl.where(bm, d, 0.0)
+        if KIND >= 2:
+            u_acc += tl.where(bm & under, 1.0, 0.0)
+            gmu_acc += tl.where(bm, gmu, 0.0)
+        if not NEED_CROSS:
+            g = gd * inv_norm + mu_grad
+            gc = g
+            gr = -g
+            if HAS_CENTER:
+                gs = 2.0 * center * inv_norm * s
+                gc += gs
+                gr += gs
+            tl.store(gc_ptr + offs, gc, mask=bm)
+            tl.store(gr_ptr + offs, gr, mask=bm)
+
+    # Pass C (detach_mean=False, mu = mean(d)): dmu/dd_j = 1/B, so every pair gets sum_i dl_i/dmu / B.
+    if NEED_CROSS:
+        cross = tl.sum(gmu_acc, axis=0) / B
+        for b0 in range(0, B, BLOCK_B):
+            offs = b0 + offs0
+            bm = offs < B
+            rc = tl.load(rc_ptr + offs * rc_stride, mask=bm, other=0.0).to(tl.float32)
+            rr = tl.load(rr_ptr + offs * rr_stride, mask=bm, other=0.0).to(tl.float32)
+            d, loss, gd, gmu, under = _pair_terms(rc, rr, rc, mu, KIND)
+            g = (gd + cross) * inv_norm
+            gc = g
+            gr = -g
+            if HAS_CENTER:
+                gs = 2.0 * center * inv_norm * (rc + rr)
+                gc += gs
+                gr += gs
+            tl.store(gc_ptr + offs, gc, mask=bm)
+            tl.store(gr_ptr + offs, gr, mask=bm)
+
+    l_sum = tl.sum(l_acc, axis=0)
+    tl.store(loss_ptr, l_sum * inv_norm)
+    tl.store(stats_ptr + 0, l_sum)
+    tl.store(stats_ptr + 1, tl.sum(c_acc, axis=0))
+    tl.store(stats_ptr + 2, tl.sum(d_acc, axis=0))
+    tl.store(stats_ptr + 3, tl.sum(u_acc, axis=0))
+    if KIND >= 2:
+        tl.store(stats_ptr + 4, mu)
+    else:
+        tl.store(stats_ptr + 4, 0.0)
+
+
+def check_triton_device(t: Tensor) -> None:
+    """Triton kernels need CUDA, or the CPU interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
+    if t.device.type != "cuda" and type(_pairwise_loss_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            f"fastrm Triton kernels need CUDA tensors (got device {t.device}); on CPU set TRITON_INTERPRET=1 before "
+            "importing triton, or use the *_ref functions."
+        )
+
+
+def validate_loss_args(
+    B: int,
+    device: torch.device,
+    *,
+    loss_kind: str,
+    margin: Tensor | None,
+    detach_mean: bool,
+    center_rewards_coefficient: float | None,
+    mu: Tensor | None,
+    mu_grad: Tensor | None,
+    normalizer: float | None,
+) -> tuple[float, float]:
+    """Check the loss arguments; return (center coefficient, normalizer) as plain floats (0 = no centring)."""
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss_kind {loss_kind!r}; expected one of {sorted(LOSS_KINDS)}")
+    if B < 1:
+        raise ValueError("need at least one pair")
+    if loss_kind == "margin":
+        if margin is None:
+            raise ValueError("loss_kind='margin' needs a per-pair margin tensor of shape [B]")
+        if tuple(margin.shape) != (B,):
+            raise ValueError(f"margin must have shape [B]=[{B}], got {list(margin.shape)}")
+        if not margin.is_floating_point():
+            raise ValueError(f"margin must be a floating tensor, got {margin.dtype}")
+        if margin.device != device:
+            raise ValueError(f"margin is on {margin.device}, rewards on {device}")
+    elif margin is not None:
+        raise ValueError(f"margin is only used by loss_kind='margin', not {loss_kind!r}")
+    for name, t in (("mu", mu), ("mu_grad", mu_grad)):
+        if t is None:
+            continue
+        if t.dim() != 0 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 0-d floating tensor, got shape {list(t.shape)} dtype {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, rewards on {device}")
+    if mu is not None and loss_kind not in MEAN_KINDS:
+        raise ValueError(f"mu is only used by loss kinds {MEAN_KINDS}, not {loss_kind!r}")
+    if mu_grad is not None:
+        if mu is None:
+            raise ValueError("mu_grad is only meaningful with an external mu")
+        if detach_mean:
+            raise ValueError("mu_grad given with detach_mean=True (a detached mu has no cross-term gradient)")
+    elif mu is not None and not detach_mean:
+        raise ValueError("an external mu with detach_mean=False needs mu_grad (the cross-term dLoss/dmu share)")
+    center = 0.0 if center_rewards_coefficient is None else float(center_rewards_coefficient)
+    if not math.isfinite(center) or center < 0:
+        raise ValueError(f"center_rewards_coefficient must be finite and >= 0, got {center_rewards_coefficient}")
+    norm = float(B) if normalizer is None else float(normalizer)
+    if not math.isfinite(norm) or norm <= 0:
+        raise ValueError(f"normalizer must be finite and > 0, got {normalizer}")
+    return center, norm
+
+
+def _loss_block(B: int) -> int:
+    return min(triton.next_power_of_2(B), 1024)
+
+
+def launch_pairwise_loss(
+    rc: Tensor,
+    rr: Tensor,
+    gc: Tensor,
+    gr: Tensor,
+    margin: Tensor | None,
+    mu: Tensor | None,
+    mu_grad: Tensor | None,
+    loss_kind: str,
+    detach_mean: bool,
+    center: float,
+    normalizer: float,
+) -> tuple[Tensor, Tensor]:
+    """Run the loss kernel on rewards rc/rr [B] (any strides); write dLoss/dr into gc/gr ([B] fp32, unit stride).
+
+    Returns (loss [] fp32, stats [5] fp32). Arguments must already be validated.
+    """
+    B = rc.shape[0]
+    kind = LOSS_KINDS[loss_kind]
+    if kind >= 2:
+        mu_mode = _MU_EXTERNAL if mu is not None else _MU_INTERNAL
+    else:
+        mu_mode = _MU_NONE
+    loss = torch.empty((), device=rc.device, dtype=torch.float32)
+    stats = torch.empty(5, device=rc.device, dtype=torch.float32)
+    dummy = gc
+    _pairwise_loss_kernel[(1,)](
+        rc, rr, margin if margin is not None else dummy, mu if mu is not None else dummy,
+        mu_grad if mu_grad is not None else dummy, loss, stats, gc, gr,
+        B, rc.stride(0), rr.stride(0), margin.stride(0) if margin is not None else 0, 1.0 / normalizer, center,
+        KIND=kind, MU_MODE=mu_mode, NEED_CROSS=(mu_mode == _MU_INTERNAL and not detach_mean),
+        HAS_CENTER=center != 0.0, HAS_MU_GRAD=mu_grad is not None, BLOCK_B=_loss_block(B),
+        num_warps=4,
+    )  # fmt: skip
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library op: fastrm::pairwise_loss_fwd (forward computes the reward gradients; backward scales them).
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastrm::pairwise_loss_fwd", mutates_args=())
+def _pairwise_loss_op(
+    chosen: Tensor,
+    rejected: Tensor,
+    margin: Tensor | None,
+    mu: Tensor | None,
+    mu_grad: Tensor | None,
+    loss_kind: str,
+    detach_mean: bool,
+    center: float,
+    normalizer: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B = chosen.shape[0]
+    gc = torch.empty(B, device=chosen.device, dtype=torch.float32)
+    gr = torch.empty(B, device=chosen.device, dtype=torch.float32)
+    loss, stats = launch_pairwise_loss(
+        chosen, rejected, gc, gr, margin, mu, mu_grad, loss_kind, detach_mean, center, normalizer
+    )
+    return loss, stats, gc, gr
+
+
+@_pairwise_loss_op.register_fake
+def _(chosen, rejected, margin, mu, mu_grad, loss_kind, detach_mean, center, normalizer):
+    B = chosen.shape[0]
+    f32 = {"device": chosen.device, "dtype": torch.float32}
+    return (
+        chosen.new_empty((), **f32),
+        chosen.new_empty(5, **f32),
+        chosen.new_empty(B, **f32),
+        chosen.new_empty(B, **f32),
+    )
+
+
+def _pairwise_setup(ctx, inputs, output):
+    chosen, rejected = inputs[0], inputs[1]
+    _, stats, gc, gr = output
+    ctx.mark_non_differentiable(stats, gc, gr)
+    ctx.save_for_backward(gc, gr)
+    ctx.dtypes = (chosen.dtype, rejected.dtype)
+
+
+def _pairwise_backward(ctx, d_loss, d_stats, d_gc, d_gr):
+    gc, gr = ctx.saved_tensors
+    # mu and margin are constants of the loss (the cross term for an external mu arrives through mu_grad).
+    return (d_loss * gc).to(ctx.dtypes[0]), (d_loss * gr).to(ctx.dtypes[1]), None, None, None, None, None, None, None
+
+
+_pairwise_loss_op.register_autograd(_pairwise_backward, setup_context=_pairwise_setup)
+
+
+def _check_rewards(chosen: Tensor, rejected: Tensor) -> int:
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(
+            f"chosen/rejected rewards must both be 1-D [B]; got {list(chosen.shape)} and {list(rejected.shape)}"
+        )
+    if not (chosen.is_floating_point() and rejected.is_floating_point()):
+        raise ValueError("rewards must be floating tensors")
+    if chosen.device != rejected.device:
+        raise ValueError(f"chosen rewards on {chosen.device}, rejected on {rejected.device}")
+    return chosen.shape[0]
+
+
+def pairwise_loss_fused(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    loss_kind: str,
+    margin: Tensor | None = None,
+    detach_mean: bool = True,
+    center_rewards_coefficient: float | None = None,
+    mu: Tensor | None = None,
+    mu_grad: Tensor | None = None,
+    normalizer: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pairwise reward loss as one Triton kernel, differentiable w.r.t. both reward vectors.
+
+    Args:
+        chosen_rewards: [B] r_c (any float dtype; computed in fp32).
+        rejected_rewards: [B] r_r.
+        loss_kind: "bt" | "margin" | "batch_mean" | "threshold" (formulas in the module docstring).
+        margin: [B] m_i, required for "margin" and rejected otherwise (no gradient flows into it).
+        detach_mean: mu is a stop-gradient constant (default). False: with the in-call mean, differentiate through
+            mu = mean(d) exactly; with an external mu, `mu_grad` must be given and is added to dLoss/dd_j.
+        center_rewards_coefficient: c >= 0, adds c * (r_c,i + r_r,i)^2 to l_i (None or 0: off).
+        mu: [] fp32 batch mean over a larger batch (step / all ranks) for "batch_mean" / "threshold".
+        mu_grad: [] fp32 cross term sum_i dl_i/dmu / normalizer / N_step, computed by the caller.
+        normalizer: loss = sum_i l_i / normalizer (default B).
+
+    Returns:
+        (loss [] fp32, stats [5] fp32 = [sum_i l_i, n_correct (d_i > 0), sum_i d_i, n_under (d_i - mu < 0), mu]).
+    """
+    B = _check_rewards(chosen_rewards, rejected_rewards)
+    center, norm = validate_loss_args(
+        B, chosen_rewards.device, loss_kind=loss_kind, margin=margin, detach_mean=detach_mean,
+        center_rewards_coefficient=center_rewards_coefficient, mu=mu, mu_grad=mu_grad, normalizer=normalizer,
+    )  # fmt: skip
+    check_triton_device(chosen_rewards)
+    loss, stats, _, _ = _pairwise_loss_op(
+        chosen_rewards, rejected_rewards, margin, mu, mu_grad, loss_kind, detach_mean, center, norm
+    )
+    return loss, stats
+
+
+def pairwise_loss_ref(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    loss_kind: str,
+    margin: Tensor | None = None,
+    detach_mean: bool = True,
+    center_rewards_coefficient: float | None = None,
+    mu: Tensor | None = None,
+    mu_grad: Tensor | None = None,
+    normalizer: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pure PyTorch reference of `pairwise_loss_fused` (fp32 math, autograd-differentiated, same semantics)."""
+    B = _check_rewards(chosen_rewards, rejected_rewards)
+    center, norm = validate_loss_args(
+        B, chosen_rewards.device, loss_kind=loss_kind, margin=margin, detach_mean=detach_mean,
+        center_rewards_coefficient=center_rewards_coefficient, mu=mu, mu_grad=mu_grad, normalizer=normalizer,
+    )  # fmt: skip
+    rc, rr = chosen_rewards.float(), rejected_rewards.float()
+    d = rc - rr
+    zero = d.new_zeros(())
+    mu_used, n_under = zero, zero
+    if loss_kind == "bt":
+        losses = torch.nn.functional.softplus(-d)
+    elif loss_kind == "margin":
+        losses = torch.nn.functional.softplus(-(d - margin.float()))
+    else:
+        if mu is None:
+            mu_used = d.mean().detach() if detach_mean else d.mean()
+        else:
+            mu_used = mu.float().detach()
+        z = d - mu_used
+        losses = torch.nn.functional.softplus(-z)
+        if loss_kind == "threshold":
+            losses = torch.where(z < 0, losses, torch.nn.functional.softplus(-d))
+        n_under = (z < 0).sum().float()
+    if center:
+        losses = losses + center * (rc + rr) ** 2
+    loss = losses.sum() / norm
+    if mu_grad is not None:
+        # Value-neutral surrogate whose gradient adds mu_grad to dLoss/dd_j for every pair.
+        cross = mu_grad.float().detach() * d.sum()
+        loss = loss + (cross - cross.detach())
+    stats = torch.stack([losses.sum(), (d > 0).sum().float(), d.sum(), n_under, mu_used.float()]).detach()
+    return loss, stats
