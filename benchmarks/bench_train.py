@@ -8,8 +8,9 @@ Stacks, on the same pairs, model shape, optimizer and global batch (128 pairs), 
   D  fastrm with shared-prompt packing.
 Scoring (responses/s, N in --bon-ns): HF padded vs fastrm packed vs fastrm shared prompt.
 
-Reported per stack: pairs/s, real (unpadded) tokens/s, MFU = (6 * params * real tokens + attention FLOPs) per
-second (N = non-embedding parameters) over the GPU's bf16 matmul rate measured by this script, and peak memory. Results go to
+Reported per stack: pairs/s, real (unpadded) tokens/s, MFU = (6 * N * real tokens + attention FLOPs) per
+second (N = non-embedding parameters) over the GPU's bf16 matmul rate measured by this script, and peak memory.
+Results go to
 benchmarks/results/train_<gpu>_<date>.json with the GPU, versions and command.
 
 GPU:   python benchmarks/bench_train.py --shapes pythia-410m pythia-1.4b tinyllama-1.1b
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import platform
 import random
@@ -223,21 +223,23 @@ def run(args) -> dict:
     lengths = [L for s in steps[args.warmup:] for p in s for L in (p.chosen_len, p.rejected_len)]
     for shape in args.shapes:
         for ckpt in args.checkpointing:
-            builders = {
-                "A": lambda: stack_a(shape, vocab, device, ckpt, args.padded_micro_pairs),
-                "B": lambda: stack_b(shape, vocab, device, ckpt, args.max_tokens_per_batch, backend),
-                "C": lambda: stack_fastrm(shape, vocab, device, ckpt, args.max_tokens_per_batch, backend, False),
-                "D": lambda: stack_fastrm(shape, vocab, device, ckpt, args.max_tokens_per_batch, backend, True),
-            }
             for name in args.stacks:
-                model, step = builders[name]()
+                if name == "A":
+                    model, step = stack_a(shape, vocab, device, ckpt, args.padded_micro_pairs)
+                elif name == "B":
+                    model, step = stack_b(shape, vocab, device, ckpt, args.max_tokens_per_batch, backend)
+                else:
+                    model, step = stack_fastrm(shape, vocab, device, ckpt, args.max_tokens_per_batch, backend,
+                                               shared=name == "D")
                 # 6N counts non-embedding parameters (an embedding lookup is not a matmul)
                 emb = (model.get_input_embeddings() if hasattr(model, "get_input_embeddings")
                        else model.backbone.get_input_embeddings()).weight.numel()
                 params = sum(p.numel() for p in model.parameters()) - emb
-                it = iter(steps)
-                dt, peak = time_steps(lambda: step(next(it)), args.steps, args.warmup, device)
-                flops = (6 * params * real_tokens + attention_flops(lengths, getattr(model, "config", None) or model.backbone.config) / args.steps) / dt
+                batches = iter(steps)
+                dt, peak = time_steps(lambda step=step, batches=batches: step(next(batches)), args.steps,
+                                      args.warmup, device)
+                cfg = getattr(model, "config", None) or model.backbone.config
+                flops = (6 * params * real_tokens + attention_flops(lengths, cfg) / args.steps) / dt
                 row = {"shape": shape, "stack": name, "grad_ckpt": ckpt, "step_s": dt,
                        "pairs_per_s": args.pairs_per_step / dt, "real_tokens_per_s": real_tokens / dt,
                        "mfu": flops / (peak_tflops * 1e12), "peak_mem_gib": peak, "params": params}

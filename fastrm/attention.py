@@ -2,7 +2,8 @@
 
 The backbone is loaded with ``attn_implementation="fastrm_varlen"``; ``RewardModel`` passes the batch's
 :class:`~fastrm.packing.AttentionPlan` as the keyword ``fastrm_plan`` (and the back end as ``fastrm_backend``) to
-the backbone's forward, and transformers hands them to :func:`packed_attention` in every layer (checked for Llama, Qwen2, GPT-NeoX and GPT-2; keyword
+the backbone's forward, and transformers hands them to :func:`packed_attention` in every layer (checked for Llama,
+Qwen2, GPT-NeoX and GPT-2; keyword
 arguments also survive gradient checkpointing, unlike a global). No 4-D mask is built.
 
 Back ends, in order of preference for ``backend="auto"``:

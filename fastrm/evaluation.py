@@ -61,7 +61,8 @@ def margin_statistics(margins: np.ndarray) -> dict:
     """Accuracy and the shape of the margin distribution d = r_c - r_r.
 
     accuracy counts d > 0 (a tie is wrong); bt_loss is the Bradley-Terry log-loss -log sigmoid(d), comparable
-    across training losses (the threshold loss's own value grows as margins spread); skewness and (excess) kurtosis are scipy's bias-corrected estimates.
+    across training losses (the threshold loss's own value grows as margins spread); skewness and (excess) kurtosis
+    are scipy's bias-corrected estimates.
     """
     d = np.asarray(margins, dtype=np.float64)
     n = d.size
@@ -89,7 +90,8 @@ def plot_margin_histogram(margins: dict[str, np.ndarray], path: str | Path, titl
     allv = np.concatenate([np.asarray(v) for v in margins.values()]) if margins else np.zeros(1)
     bins = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), 60) if allv.size > 1 else 20
     for name, d in margins.items():
-        ax.hist(d, bins=bins, alpha=0.45, density=True, label=f"{name} (mean {np.mean(d):.2f}, acc {np.mean(np.asarray(d) > 0):.3f})")
+        label = f"{name} (mean {np.mean(d):.2f}, acc {np.mean(np.asarray(d) > 0):.3f})"
+        ax.hist(d, bins=bins, alpha=0.45, density=True, label=label)
     ax.axvline(0.0, color="k", lw=0.8)
     ax.set_xlabel("reward margin r(x, y_c) - r(x, y_r)")
     ax.set_ylabel("density")

@@ -302,7 +302,9 @@ class RewardModel(nn.Module):
 
     # ---------------------------------------------------------------- scoring
     @torch.no_grad()
-    def score_texts(self, prompts: list[str], responses: list[list[str]], tokenizer=None, **kwargs) -> list[list[float]]:
+    def score_texts(
+        self, prompts: list[str], responses: list[list[str]], tokenizer=None, **kwargs
+    ) -> list[list[float]]:
         """Rewards for each prompt's responses (best-of-N scoring); see fastrm.scoring.score."""
         from fastrm.scoring import score
 

@@ -13,8 +13,10 @@ _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 
 PRESETS: dict[str, tuple[str, dict]] = {
     # tiny: tests, the demo, CI
-    "tiny-llama": ("llama", dict(_TINY, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)),
-    "tiny-qwen2": ("qwen2", dict(_TINY, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)),
+    "tiny-llama": ("llama", dict(_TINY, num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=False)),
+    "tiny-qwen2": ("qwen2", dict(_TINY, num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=False)),
     "tiny-neox": ("gpt_neox", dict(_TINY, max_position_embeddings=2048, rotary_pct=0.25)),
     "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=2048)),
     # real shapes (benchmarks): Pythia (GPT-NeoX) and TinyLlama

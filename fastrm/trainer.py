@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,7 +119,7 @@ class RewardTrainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.dim() < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,7 +1,8 @@
 """Fused pairwise reward-model loss (Bradley-Terry family) as one Triton program.
 
 The forward computes the loss, the statistics and dLoss/d(reward) in the same pass (as Liger-Kernel's fused
-cross-entropy does), so the backward is one multiply by grad_output. The op is registered as ``fastrm::pairwise_loss_fwd``
+cross-entropy does), so the backward is one multiply by grad_output. The op is registered as
+``fastrm::pairwise_loss_fwd``
 so that ``torch.compile`` of surrounding code does not graph-break on it. ``pairwise_loss_ref`` is the plain PyTorch
 reference with the same semantics (autograd-differentiated).
 

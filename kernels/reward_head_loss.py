@@ -239,7 +239,7 @@ def _head_bwd_kernel(
         # Several tiles per program: at T = 256k one tile per program would be ~10^5 tiny CTAs.
         for it in range(ROW_ITERS):
             _bwd_hidden_tile((pid - NUM_SLOT_PROGS) * ROW_ITERS + it, cols, cmask, scale, hw, hww, xg_ptr, g_ptr,
-                             aux_ptr, dx_ptr, order_ptr, start_ptr, T, H, stride_dxt, NORM, BLOCK_T, BLOCK_H)  # fmt: skip
+                             aux_ptr, dx_ptr, order_ptr, start_ptr, T, H, stride_dxt, NORM, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -492,7 +492,7 @@ def _check_head_args(
     hidden: Tensor, pool_index: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, head_weight: Tensor,
     head_bias: Tensor | None, norm_type: str, eps: float, pairs: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:  # fmt: skip
-    """Validate; return (hidden, pool_index, norm_weight, norm_bias, head_weight [H], head_bias [1]) ready for the op."""
+    """Validate; return (hidden, pool_index, norm_weight, norm_bias, head_weight [H], head_bias [1]) for the op."""
     if hidden.dim() != 2 or hidden.dtype not in _HIDDEN_DTYPES:
         raise ValueError(f"hidden must be [T, H] fp32/bf16/fp16, got {list(hidden.shape)} {hidden.dtype}")
     T, H = hidden.shape
