@@ -506,10 +506,10 @@ def tokenize_pairs(
     that tokenize to nothing (a bad row, raised or skipped per ``on_bad_row``) are counted in the stats.
 
     ``stats`` is assumed to already count ``pairs`` (as returned by :func:`load_pairs`): dropped pairs are
-    subtracted from ``stats.pairs``. Without ``stats`` a fresh object with ``pairs=len(pairs)`` is used.
+    subtracted from ``stats.pairs``. Without ``stats`` a fresh object with ``rows=pairs=len(pairs)`` is used.
     """
     _check_on_bad_row(on_bad_row)
-    stats = stats if stats is not None else LoadStats(pairs=len(pairs))
+    stats = stats if stats is not None else LoadStats(rows=len(pairs), pairs=len(pairs))
     out = _tokenize_texts(
         pairs,
         tokenizer,

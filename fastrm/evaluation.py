@@ -57,6 +57,17 @@ def _budget_order(pairs, part: list[int], max_tokens: int, layout: str) -> list[
     return [[part[j] for j in b] for b in plan_micro_batches(costs, max_tokens, [pairs[i].source for i in part])]
 
 
+def json_safe(obj):
+    """Non-finite floats -> None, so files written with json are strict JSON (NaN is not)."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def margin_statistics(margins: np.ndarray) -> dict:
     """Accuracy and the shape of the margin distribution d = r_c - r_r.
 
@@ -125,7 +136,7 @@ def evaluate_pairs(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / f"{name}_metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
         np.save(out / f"{name}_margins.npy", d)
         plot_margin_histogram({name: d}, out / f"{name}_margin_hist.png")
     return metrics

@@ -143,6 +143,21 @@ class RewardModel(nn.Module):
         self.fused = fused
         self.tokenizer = None  # set by from_pretrained / the trainer when known
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.score.__dict__["_owner"] = weakref.ref(self)  # copies and unpickled models keep text scoring
+
+    def reset_head(self, seed: int) -> None:
+        """Re-draw the score head from normal(0, initializer_range) with a seeded generator (bias to zero), so a run's
+        head does not depend on the global RNG at load time."""
+        std = getattr(self.backbone.config, "initializer_range", 0.02)
+        with torch.no_grad():
+            w = torch.empty(self.score.weight.shape, dtype=torch.float32)
+            w.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+            self.score.weight.copy_(w)
+            if self.score.bias is not None:
+                self.score.bias.zero_()
+
     # ---------------------------------------------------------------- construction and checkpoints
     @classmethod
     def from_config(cls, config, **kwargs) -> "RewardModel":

@@ -26,7 +26,7 @@ import torch
 
 from fastrm import distributed as dist
 from fastrm.config import RewardConfig
-from fastrm.evaluation import evaluate_pairs
+from fastrm.evaluation import evaluate_pairs, json_safe
 from fastrm.losses import USES_MEAN, mu_cross_term, mu_derivative_sum, stats_from_sums
 from fastrm.model import LossConfig, RewardModel
 from fastrm.packing import micro_batches
@@ -289,7 +289,8 @@ class RewardTrainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: v for k, v in record.items() if not isinstance(v, (torch.Tensor, list))}) + "\n")
+            rec = {k: v for k, v in record.items() if not isinstance(v, (torch.Tensor, list))}
+            f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:

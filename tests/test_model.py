@@ -188,3 +188,21 @@ def test_plan_token_rule_matches_the_group_description():
     doc, br = plan.doc_ids, plan.branch_ids
     rule = (doc[qi] == doc[ki]) & (ki <= qi) & ((br[ki] == 0) | (br[ki] == br[qi]))
     assert torch.equal(rule, from_groups)
+
+
+def test_copies_keep_text_scoring_and_reset_head_is_seeded():
+    import copy
+
+    from fastrm.synthetic import byte_tokenizer
+
+    model = make_model("tiny-llama")
+    model.tokenizer = byte_tokenizer()
+    twin = copy.deepcopy(model)
+    a = model.score(["Q?"], [["yes", "no"]])
+    assert twin.score(["Q?"], [["yes", "no"]])[0] == pytest.approx(a[0], abs=1e-6)
+    twin.reset_head(7)
+    w7 = twin.score.weight.clone()
+    twin.reset_head(8)
+    assert not torch.equal(w7, twin.score.weight)
+    twin.reset_head(7)
+    assert torch.equal(w7, twin.score.weight)
