@@ -154,8 +154,11 @@ def plan_micro_batches(costs: Sequence[int], max_tokens: int, sources: Sequence[
     return [sorted(b) for b in bins]
 
 
-def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], layout: Layout):
-    """Pack groups (prompt, [responses]) in order. Returns the flat tensors and the pooled rows per group."""
+def _pack_groups(
+    prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]], layout: Layout
+) -> tuple[PackedBatch, list[list[int]]]:
+    """Pack groups (prompt, [responses]) in order: the batch (pooled in group-then-response order) and the pooled
+    rows of each group."""
     ids: list[int] = []
     pos: list[int] = []
     doc: list[int] = []
@@ -223,15 +226,17 @@ def _pack_groups(prompts: Sequence[list[int]], responses: Sequence[Sequence[list
         plan = AttentionPlan(cu_q=cu, cu_k=cu, max_q=max_seg, max_k=max_seg)
     plan.doc_ids = torch.tensor(doc, dtype=torch.int32)
     plan.branch_ids = torch.tensor(branch, dtype=torch.int32)
-    return (
-        torch.tensor(ids, dtype=torch.int64),
-        torch.tensor(pos, dtype=torch.int64),
-        torch.tensor(seg_bounds, dtype=torch.int32),
-        max_seg,
-        plan,
-        pooled,
-        unshared,
+    batch = PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        position_ids=torch.tensor(pos, dtype=torch.int64),
+        cu_seqlens=torch.tensor(seg_bounds, dtype=torch.int32),
+        max_seqlen=max_seg,
+        pool_index=torch.tensor([row for rows in pooled for row in rows], dtype=torch.int64),
+        attn=plan,
+        layout=layout,
+        num_unshared_tokens=unshared,
     )
+    return batch, pooled
 
 
 def pack_pairs(pairs: Sequence[PairLike], layout: Layout = "separate") -> PackedBatch:
@@ -242,10 +247,9 @@ def pack_pairs(pairs: Sequence[PairLike], layout: Layout = "separate") -> Packed
     """
     if not pairs:
         raise PackingError("pack_pairs needs at least one pair")
-    ids, pos, cu, max_seg, plan, pooled, unshared = _pack_groups(
+    batch, pooled = _pack_groups(
         [p.prompt_ids for p in pairs], [(p.chosen_ids, p.rejected_ids) for p in pairs], layout
     )
-    pool = torch.tensor([r[0] for r in pooled] + [r[1] for r in pooled], dtype=torch.int64)
     margins = [p.margin for p in pairs]
     if all(m is None for m in margins):
         margin = None
@@ -254,19 +258,8 @@ def pack_pairs(pairs: Sequence[PairLike], layout: Layout = "separate") -> Packed
         raise PackingError(f"some pairs have a margin and some do not (first without: {missing})")
     else:
         margin = torch.tensor(margins, dtype=torch.float32)
-    return PackedBatch(
-        input_ids=ids,
-        position_ids=pos,
-        cu_seqlens=cu,
-        max_seqlen=max_seg,
-        pool_index=pool,
-        attn=plan,
-        layout=layout,
-        num_pairs=len(pairs),
-        margin=margin,
-        num_unshared_tokens=unshared,
-        sources=[p.source for p in pairs],
-    )
+    pool = torch.tensor([r[0] for r in pooled] + [r[1] for r in pooled], dtype=torch.int64)
+    return replace(batch, pool_index=pool, num_pairs=len(pairs), margin=margin, sources=[p.source for p in pairs])
 
 
 def pack_prompt_responses(
@@ -278,18 +271,7 @@ def pack_prompt_responses(
     for g, resps in enumerate(responses):
         if not resps or any(len(r) == 0 for r in resps):
             raise PackingError(f"group {g}: every group needs at least one response and no response may be empty")
-    ids, pos, cu, max_seg, plan, pooled, unshared = _pack_groups(prompts, responses, layout)
-    pool = torch.tensor([row for rows in pooled for row in rows], dtype=torch.int64)
-    return PackedBatch(
-        input_ids=ids,
-        position_ids=pos,
-        cu_seqlens=cu,
-        max_seqlen=max_seg,
-        pool_index=pool,
-        attn=plan,
-        layout=layout,
-        num_unshared_tokens=unshared,
-    )
+    return _pack_groups(prompts, responses, layout)[0]
 
 
 def micro_batches(pairs: Sequence[PairLike], max_tokens: int, layout: Layout = "separate") -> list[PackedBatch]:
