@@ -14,7 +14,9 @@ Rules (the same as ``fastrm score``, whose row parser this reuses):
   silently: every input row ends up in exactly one of the two files (blank lines are not rows).
 * An empty response string is an error for the whole row: it has no token of its own to pool, so its "reward"
   would be the prompt's. Filter or fill such responses before scoring.
-* Ties go to the first index (``fastrm.scoring.best_of_n``); N = 1 picks index 0.
+* Ties go to the first index (``fastrm.scoring.best_of_n``); N = 1 picks index 0. Identical responses of a row
+  are scored once, so they tie exactly (scored separately, their place in the packed batch can change the last
+  bit of a float and decide the "tie").
 * The main output keeps the input order of the valid rows (``DataContext.execution_options.preserve_order``).
 
 Scores equal in-process ``fastrm.scoring.score_rows`` (shared-prompt packing by default). A prompt whose N
@@ -103,7 +105,11 @@ def _parse_dataset_batch(batch: pa.Table) -> pa.Table:
 
 def read_input(source: Any, *, split: str = "train"):
     """A Ray Dataset of parsed rows (PARSED_SCHEMA) from JSONL path(s) or a ``datasets.Dataset`` (or a folder
-    written by ``Dataset.save_to_disk``)."""
+    written by ``Dataset.save_to_disk``).
+
+    Reading and parsing are light and ask for no CPU: scoring actors that hold every CPU of a small cluster
+    would otherwise leave the reads unscheduled and the pipeline waiting forever.
+    """
     import ray.data
 
     from fastrm.data import DataError
@@ -121,7 +127,8 @@ def read_input(source: Any, *, split: str = "train"):
             raise DataError(f"expected a datasets.Dataset (one split), got {type(source).__name__}")
         table = source.with_format("arrow")[:]
         table = table.append_column("__row__", pa.array(range(table.num_rows), pa.int64()))
-        return ray.data.from_arrow(table).map_batches(_parse_dataset_batch, batch_format="pyarrow")
+        return ray.data.from_arrow(table).map_batches(_parse_dataset_batch, batch_format="pyarrow", num_cpus=0,
+                                                      compute=ray.data.TaskPoolStrategy(size=2))
     paths = [str(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
     for p in paths:
         if not p.endswith((".jsonl", ".jsonl.gz")):
@@ -129,7 +136,7 @@ def read_input(source: Any, *, split: str = "train"):
         if "://" not in p and not Path(p).is_file():
             raise DataError(f"{p}: no such file")
     paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
-    return ray.data.read_datasource(_jsonl_datasource(paths))
+    return ray.data.read_datasource(_jsonl_datasource(paths), num_cpus=0)
 
 
 class BestOfNScorer:
@@ -194,14 +201,19 @@ class BestOfNScorer:
                     toks.append((p[0], rs[0]))
                 except ValueError as e:
                     toks.append(str(e).removeprefix("prompt 0, "))
-        # Split each row's responses into chunks that fit one micro-batch with the prompt.
-        groups, owners = [], []
+        # Score each distinct response of a row once (duplicates are common in sampled candidates, and then tie
+        # exactly, so the first index wins, instead of differing in the last bit with their place in the batch),
+        # in chunks that fit one micro-batch with the prompt.
+        groups, owners, inverse = [], [], {}
         out: list[Any] = [None] * len(rows)
         for i, t in enumerate(toks):
             if isinstance(t, str):
                 out[i] = t
                 continue
-            chunks = self._chunks(*t)
+            prompt, responses = t
+            first: dict[tuple, int] = {}
+            inverse[i] = [first.setdefault(tuple(r), len(first)) for r in responses]
+            chunks = self._chunks(prompt, [list(r) for r in first])
             if isinstance(chunks, str):
                 out[i] = chunks
                 continue
@@ -213,7 +225,7 @@ class BestOfNScorer:
                                      max_tokens_per_batch=self.budget, prefix_sharing=self.prefix_sharing)
             for i, s in zip(owners, res):
                 out[i] = (out[i] or []) + s
-        return out
+        return [o if isinstance(o, str) else [o[k] for k in inverse[i]] for i, o in enumerate(out)]
 
     def _chunks(self, prompt: list[int], responses: list[list[int]]):
         shared = self.prefix_sharing

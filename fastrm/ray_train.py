@@ -165,18 +165,21 @@ def _is_rows(x) -> bool:
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train's per-worker function: build, resume from Ray's latest checkpoint if any, train, report.
 
+    Call it once per worker and attempt: within an attempt ``ray.train.get_checkpoint()`` also returns what this
+    worker itself reported, so a second training in the same worker group must call :func:`train_worker`.
     Returns the trainer's result dict (train/eval metrics) on every rank.
     """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return _train(config, None)
+        return train_worker(config)
     with ckpt.as_directory() as d:  # the reported checkpoint-N folder (downloaded if storage is remote)
-        return _train(config, d)
+        return train_worker(config, resume_from=d)
 
 
-def _train(config: dict, resume_from: str | None) -> dict:
+def train_worker(config: dict, resume_from: str | None = None) -> dict:
+    """Build and run one training on this worker (resuming from ``resume_from``), reporting to Ray Train."""
     trainer = build_trainer(config, resume_from=resume_from)
     result = trainer.train()
     if not trainer.args.save_steps:  # the trainer saves at the end only with save_steps; Ray always gets one
@@ -230,6 +233,7 @@ def run_training(
     name: str | None = None,
     fsdp: bool = False,
     resources_per_worker: dict | None = None,
+    collective_timeout_s: int = 1800,
     train_loop: Callable[[dict], Any] | None = None,
     **extra,
 ):
@@ -243,6 +247,7 @@ def run_training(
         max_failures: worker-group restarts after a failure; each resumes from the last reported checkpoint.
         storage_path, name: where Ray keeps checkpoints (``storage_path/name``; shared storage on multi-node);
             default ``<output_dir>/ray`` and ``fastrm``. Re-running with the same ones resumes that run.
+        collective_timeout_s: how long a collective may wait for a rank before the group fails.
         fsdp: shard with FSDP2 instead of DDP (not available yet: raises NotImplementedError).
         train_loop: the per-worker function (default :func:`train_loop_per_worker`).
         extra: more keys for the loop config (``fail_at_step``/``fail_marker`` inject one failure, for tests).
@@ -259,7 +264,7 @@ def run_training(
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources_per_worker),
         run_config=RunConfig(

@@ -1,0 +1,58 @@
+"""Best-of-N scoring on Ray Data: a pool of reward-model actors scores {prompt, responses} rows.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python ray_jobs/best_of_n.py --model runs/rm --input prompts.jsonl --output best.jsonl --num-actors 2
+
+Writes the valid rows in input order with scores, best_index, best_response (and top_k) to --output (.jsonl or
+.parquet) and every rejected row with its reason to --errors. See fastrm/ray_bon.py for the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastrm.ray_bon import default_errors_path, run_best_of_n
+from fastrm.ray_train import init_ray
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ray_jobs/best_of_n.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="reward-model checkpoint folder (readable on every node)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help=".jsonl / .jsonl.gz files of {\"prompt\": str, \"responses\": [str, ...]}, or a datasets "
+                   "folder (Dataset.save_to_disk) with prompt/responses columns")
+    p.add_argument("--split", default="train", help="split of a DatasetDict folder")
+    p.add_argument("--output", required=True, help=".jsonl or .parquet")
+    p.add_argument("--errors", help="rejected rows with their reason (default: <output stem>.errors.jsonl)")
+    p.add_argument("--tokenizer", help="default: the checkpoint's")
+    p.add_argument("--top-k", type=int, help="also write the indices of the k best responses")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per actor call")
+    p.add_argument("--num-actors", type=int, help="scoring actors (default: the cluster's GPUs with --use-gpu, else 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    import ray
+
+    init_ray()
+    n = a.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if a.use_gpu else 1)
+    source = a.input if len(a.input) > 1 or a.input[0].endswith((".jsonl", ".jsonl.gz")) else a.input[0]
+    res = run_best_of_n(
+        source, a.output, a.model, errors=a.errors or default_errors_path(a.output), tokenizer=a.tokenizer,
+        batch_size=a.batch_size, num_actors=n, use_gpu=a.use_gpu, cpus_per_actor=a.cpus_per_actor, top_k=a.top_k,
+        max_length=a.max_length, max_tokens_per_batch=a.max_tokens_per_batch,
+        prefix_sharing=not a.no_prefix_sharing, split=a.split,
+    )
+    print(f"scored {res['rows']} rows -> {res['output']}; {res['errors']} rejected rows -> {res['errors_path']}")
+    return 0 if res["rows"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

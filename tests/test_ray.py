@@ -1,0 +1,337 @@
+"""Ray Train and Ray Data: N DDP workers train what one process trains, a failed worker resumes exactly, best-of-N
+on Ray scores what in-process scoring scores, and the job entry points run through `ray job submit`.
+
+Budget: about 3-4 minutes on 2 CPU cores (Ray worker start-up dominates; each TorchTrainer.fit costs ~40 s here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.train")
+
+from fastrm.config import RewardConfig  # noqa: E402
+from fastrm.presets import load_model  # noqa: E402
+from fastrm.synthetic import byte_tokenizer, synthetic_pairs  # noqa: E402
+from fastrm.trainer import RewardTrainer, seed_everything  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# pairs_per_step=8 over 2 workers = 4 pairs per worker; ~100 tokens a pair and 200 tokens a micro-batch give each
+# worker 2-4 micro-batches per step (checked below), the single process 4-6. Adam divides by sqrt(v) + eps: with
+# the default eps=1e-8 a gradient element that cancels to ~1e-9 turns summation-order noise (~1e-10; DDP adds
+# the ranks' gradients in another order) into 1e-5 parameter differences, so eps=1e-6 keeps the comparison about
+# the trainer rather than Adam's conditioning (the step losses agree to ~1e-7 either way).
+BASE = dict(max_steps=3, pairs_per_step=8, max_tokens_per_batch=200, max_length=128, learning_rate=1e-3,
+            adam_epsilon=1e-6, warmup_ratio=0.0, seed=0, progress=False, logging_steps=1, save_steps=0)
+CASES = {
+    "bt": dict(loss="bt"),
+    "margin": dict(loss="margin"),
+    "batch_mean": dict(loss="batch_mean", margin_scope="step"),
+    "threshold": dict(loss="threshold", margin_scope="step"),
+    "threshold_exact_mu": dict(loss="threshold", margin_scope="step", detach_mean=False),
+}
+
+
+def _rows() -> list[dict]:
+    rows = synthetic_pairs(24, seed=1)
+    for i, r in enumerate(rows):
+        r["margin"] = 0.5 * (i % 3)
+    return rows
+
+
+def _config(out: Path, **kw) -> RewardConfig:
+    return RewardConfig(output_dir=str(out), **{**BASE, **kw})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_many(config: dict) -> None:
+    """One worker group, several trainings in a row (start-up dominates the cost of a run)."""
+    from fastrm.ray_train import train_worker
+
+    for run in config["runs"]:
+        train_worker(run)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    # Test-module functions run on the workers: ship them by value (tests/ is not importable there).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(ray_local, tmp_path_factory):
+    """Every loss case trained by 2 DDP workers (gloo) in one TorchTrainer run: {case: output_dir}."""
+    from fastrm.ray_train import make_loop_config, run_training
+
+    base = tmp_path_factory.mktemp("ddp")
+    outs = {case: base / case for case in CASES}
+    runs = [make_loop_config(_config(outs[c], **kw), data=_rows(), model="tiny-llama", tokenizer="byte")
+            for c, kw in CASES.items()]
+    result = run_training(_config(base / "driver"), data=_rows(), model="tiny-llama", tokenizer="byte",
+                          num_workers=2, train_loop=_train_many, runs=runs, storage_path=str(base / "ray"),
+                          collective_timeout_s=120)
+    assert result.error is None
+    return outs
+
+
+def _reference(case: str, out: Path, **kw) -> dict[str, torch.Tensor]:
+    """The same training in this process, no Ray, one thread like a 1-CPU Ray worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = byte_tokenizer()
+        seed_everything(BASE["seed"])
+        model = load_model("tiny-llama", tokenizer=tok)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        RewardTrainer(model, _config(out, **{**CASES[case], **kw}), _rows(), tokenizer=tok,
+                      device=torch.device("cpu")).train()
+    finally:
+        torch.set_num_threads(threads)
+    moved = max(float((model.state_dict()[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-4, "training did not change the parameters"
+    return _weights(out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ddp_two_workers_equal_one_process(case, ddp_runs, tmp_path):
+    ray_out = ddp_runs[case]
+    ref = _reference(case, tmp_path / "ref")
+    assert _max_diff(_weights(ray_out), ref) < 1e-5
+    ray_m, ref_m = _metrics(ray_out), _metrics(tmp_path / "ref")
+    assert [m["step"] for m in ray_m] == [1, 2, 3]
+    assert max(m["micro_batches"] for m in ray_m) > 1  # rank 0 accumulated over several micro-batches
+    for a, b in zip(ray_m, ref_m):  # global (all-reduced) step statistics match too
+        for key in ("loss", "accuracy", "mean_margin", "num_pairs", "tokens"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    # The run reported its final checkpoint: an HF-loadable model + trainer state.
+    assert (ray_out / "checkpoint-3" / "trainer_state.pt").exists()
+
+
+def test_worker_failure_resumes_from_checkpoint(ddp_runs, tmp_path):
+    from fastrm.ray_train import run_training
+
+    out, marker = tmp_path / "out", tmp_path / "failed-once"
+    result = run_training(_config(out, save_steps=1, **CASES["bt"]), data=_rows(), model="tiny-llama",
+                          tokenizer="byte", num_workers=2, max_failures=1, storage_path=str(tmp_path / "ray"),
+                          collective_timeout_s=120,
+                          fail_at_step=2, fail_marker=str(marker))
+    assert marker.exists(), "the injected failure did not happen"
+    assert result.error is None
+    assert Path(result.checkpoint.path).name == "checkpoint-3"
+    # Resumed from checkpoint-1: ends exactly where the uninterrupted 2-worker run ends.
+    assert _max_diff(_weights(out), _weights(ddp_runs["bt"])) < 1e-6
+    assert _max_diff(_weights(Path(result.checkpoint.path)), _weights(ddp_runs["bt"])) < 1e-6
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]  # the redone step is logged once
+
+
+def test_fsdp_flag_is_explicit():
+    from fastrm.ray_train import run_training
+
+    with pytest.raises(NotImplementedError, match="fsdp"):
+        run_training(_config(Path("unused")), data=_rows(), model="tiny-llama", fsdp=True)
+
+
+# ----------------------------------------------------------------------------------------------- best-of-N
+
+
+@pytest.fixture(scope="module")
+def rm_checkpoint(tmp_path_factory) -> Path:
+    tok = byte_tokenizer()
+    seed_everything(0)
+    path = tmp_path_factory.mktemp("rm") / "model"
+    load_model("tiny-llama", tokenizer=tok).save_pretrained(path, tokenizer=tok)
+    return path
+
+
+VALID = [
+    {"prompt": "Say something about Ada.\n", "responses": [" Ada is kind.", " Ada is rude.", " Ada? Always so warm."]},
+    {"prompt": "One answer only.\n", "responses": [" The only one."]},  # N = 1
+    {"prompt": "Ties.\n", "responses": [" same", " same", " same"]},  # all tied: the first index wins
+    {"prompt": "", "responses": [" no prompt at all", " still fine"]},
+    {"prompt": "Many.\n", "responses": [f" candidate number {j}" for j in range(40)]},  # > one micro-batch
+    {"prompt": "Dup.\n", "responses": [" other", " dup", " dup"]},
+] + [{"prompt": f"Q{i}?\n", "responses": [f" answer {j} to {i}" for j in range(1 + i % 5)]} for i in range(8)]
+
+BAD = {  # line text -> expected words in the reason
+    "{not json": "invalid JSON",
+    json.dumps({"prompt": "p"}): "'responses': missing",
+    json.dumps({"prompt": 3, "responses": ["a"]}): "'prompt'",
+    json.dumps({"prompt": "p", "responses": []}): "empty list",
+    json.dumps({"prompt": "p", "responses": "abc"}): "'responses'",
+    json.dumps({"prompt": "p", "responses": ["fine", ""]}): "responses[1]': expected a non-empty string",
+    json.dumps([1, 2]): "JSON object",
+}
+
+
+def _check_scores(got_rows: list[dict], ref_rows: list[dict]) -> None:
+    """Ray rows against in-process ``score_rows`` rows: same scores, the argmax (first on ties) picked."""
+    assert len(got_rows) == len(ref_rows)
+    for got, want in zip(got_rows, ref_rows):
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+        assert got["best_index"] == got["scores"].index(max(got["scores"]))
+        assert got["best_response"] == got["responses"][got["best_index"]]
+        assert got["top_k"] == sorted(range(len(got["scores"])), key=lambda i: (-got["scores"][i], i))[:2]
+        s = sorted(want["scores"], reverse=True)
+        if len(s) == 1 or s[0] - s[1] > 1e-5:  # not a near-tie that float noise may decide
+            assert got["best_index"] == want["best_index"]
+
+
+def test_best_of_n_matches_in_process_scoring(ray_local, rm_checkpoint, tmp_path):
+    from fastrm.model import RewardModel
+    from fastrm.ray_bon import run_best_of_n
+    from fastrm.scoring import score_rows
+
+    lines = [json.dumps(r) for r in VALID]
+    for k, text in enumerate(BAD):  # spread the bad rows through the file, plus a blank line (not a row)
+        pos = 2 * k + 1
+        lines.insert(pos, text)
+    lines.insert(4, "")
+    bad_lines = {lines.index(t) + 1: t for t in BAD}
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+
+    res = run_best_of_n(str(src), str(tmp_path / "out.jsonl"), str(rm_checkpoint), num_actors=2, batch_size=3,
+                        cpus_per_actor=0.5, top_k=2, max_tokens_per_batch=300)
+    assert res == {"rows": len(VALID), "errors": len(BAD), "output": str(tmp_path / "out.jsonl"),
+                   "errors_path": str(tmp_path / "out.errors.jsonl")}
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+
+    # Input order kept; every bad row is in the errors file with its line and reason, and only there.
+    assert [(r["prompt"], r["responses"]) for r in out] == [(r["prompt"], r["responses"]) for r in VALID]
+    assert sorted(int(e["source"].rsplit(":", 1)[1]) for e in errors) == sorted(bad_lines)
+    for e in errors:
+        assert BAD[bad_lines[int(e["source"].rsplit(":", 1)[1])]] in e["reason"], e
+
+    model = RewardModel.from_pretrained(rm_checkpoint)
+    ref = score_rows(model, [dict(r) for r in VALID], tokenizer=model.tokenizer, top_k=2)
+    _check_scores(out, ref)
+    assert out[1]["best_index"] == 0 and len(out[1]["scores"]) == 1
+    # Identical responses are scored once: exact ties, the first index wins.
+    assert len(set(out[2]["scores"])) == 1 and out[2]["best_index"] == 0 and out[2]["top_k"] == [0, 1]
+    assert out[5]["scores"][1] == out[5]["scores"][2]
+    assert out[5]["top_k"] == sorted(range(3), key=lambda i: (-out[5]["scores"][i], i))[:2]
+
+
+# ----------------------------------------------------------------------------------------------- ray job submit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """Stop the head we started, by its process group (``ray stop`` would stop every Ray on the machine)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # the head is gone; its children share its group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
+def test_job_submit_best_of_n(rm_checkpoint, tmp_path):
+    """ray start --head + JobSubmissionClient + ray_jobs/best_of_n.py on a datasets folder, Parquet output."""
+    import datasets
+    import pyarrow.parquet as pq
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from fastrm.model import RewardModel
+    from fastrm.scoring import score_rows
+
+    ray.shutdown()  # the module's local Ray (if any) must not run beside the head
+    rows = VALID[:4] + [{"prompt": "p", "responses": ["ok", ""]}] + VALID[4:7]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    port = _free_port()
+    # Its own temp dir: the head's session files and ray_current_cluster stay out of /tmp/ray (short path: sockets).
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=2", "--port=0",
+         f"--dashboard-port={port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )
+    try:
+        address = f"http://127.0.0.1:{port}"
+        deadline, client = time.time() + 120, None
+        while client is None:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                client = JobSubmissionClient(address)
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        out = tmp_path / "best.parquet"
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} ray_jobs/best_of_n.py --model {rm_checkpoint} --input {tmp_path / 'ds'} "
+                       f"--output {out} --num-actors 1 --batch-size 4 --top-k 2",
+            runtime_env={"working_dir": str(ROOT), "excludes": [".git", "runs", "benchmarks/results"]},
+        )
+        deadline = time.time() + 240
+        while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                               JobStatus.STOPPED):
+            assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+        assert "scored 7 rows" in logs
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    got = pq.read_table(out).to_pylist()
+    errors = [json.loads(x) for x in (tmp_path / "best.errors.jsonl").read_text().splitlines()]
+    assert [e["source"] for e in errors] == ["dataset[4]"] and "empty string" in errors[0]["reason"]
+    want_rows = rows[:4] + rows[5:]
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in want_rows]
+    model = RewardModel.from_pretrained(rm_checkpoint)
+    ref = score_rows(model, [dict(r) for r in want_rows], tokenizer=model.tokenizer, top_k=2)
+    _check_scores(got, ref)
