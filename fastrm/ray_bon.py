@@ -146,9 +146,9 @@ class BestOfNScorer:
     with an error; a row that cannot be scored gets an error here).
     """
 
-    def __init__(self, model_path: str, tokenizer: str | None = None, *, use_gpu: bool = False, top_k: int | None = None,
-                 max_length: int = 2048, max_tokens_per_batch: int = 16384, prefix_sharing: bool = True,
-                 append_eos: bool = True):
+    def __init__(self, model_path: str, tokenizer: str | None = None, *, use_gpu: bool = False,
+                 top_k: int | None = None, max_length: int = 2048, max_tokens_per_batch: int = 16384,
+                 prefix_sharing: bool = True, append_eos: bool = True):
         import torch
 
         from fastrm.cli import load_tokenizer
