@@ -26,6 +26,7 @@ import platform
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -248,7 +249,53 @@ def run(args) -> dict:
                 del model, step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        if args.bon_ns:
+            results["score"].extend(bench_scoring(shape, vocab, device, backend, pairs, args.bon_ns, args.bon_prompts,
+                                                  args.max_tokens_per_batch, args.steps))
     return results
+
+
+def bench_scoring(shape, vocab, device, backend, pairs, ns, n_prompts, max_tokens, reps) -> list[dict]:
+    """Best-of-N scoring throughput (responses/s): HF padded batches vs fastrm packed vs fastrm shared prompt.
+
+    Candidates for a prompt are that HH pair's chosen/rejected responses cycled to N (the lengths are what matter)."""
+    from fastrm.model import RewardModel
+    from fastrm.presets import resolve_config
+    from fastrm.scoring import score_token_groups
+
+    hf = build_hf(shape, vocab, device, "sdpa", False).eval()
+    torch.manual_seed(0)
+    rm = RewardModel.from_config(resolve_config(shape, vocab_size=vocab), attn_backend=backend).to(device).eval()
+    prompts = [p.prompt_ids for p in pairs[:n_prompts]]
+    rows = []
+    for n in ns:
+        resps = [[(p.chosen_ids, p.rejected_ids)[j % 2] for j in range(n)] for p in pairs[:n_prompts]]
+
+        @torch.no_grad()
+        def hf_padded(resps=resps):
+            seqs = [pr + r for pr, rs in zip(prompts, resps) for r in rs]
+            per = max(1, max_tokens // max(len(s) for s in seqs))  # padded rows per batch under the token budget
+            for k in range(0, len(seqs), per):
+                part = seqs[k:k + per]
+                L = max(len(x) for x in part)
+                ids = torch.zeros(len(part), L, dtype=torch.long)
+                mask = torch.zeros(len(part), L, dtype=torch.long)
+                for i, x in enumerate(part):
+                    ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    hf(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+        packed = partial(score_token_groups, rm, prompts, resps, max_tokens_per_batch=max_tokens)
+        variants = {"hf_padded": hf_padded,
+                    "fastrm_packed": partial(packed, prefix_sharing=False),
+                    "fastrm_shared_prompt": partial(packed, prefix_sharing=True)}
+        for name, fn in variants.items():
+            dt, peak = time_steps(fn, reps, 1, device)
+            row = {"shape": shape, "n": n, "variant": name, "responses_per_s": n * len(prompts) / dt,
+                   "peak_mem_gib": peak}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def _device_name(device) -> str:
@@ -274,12 +321,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--max-tokens-per-batch", type=int, default=32768)
     p.add_argument("--padded-micro-pairs", type=int, default=8, help="stack A: pairs per padded micro-batch")
+    p.add_argument("--bon-ns", nargs="*", type=int, default=[4, 16, 64], help="best-of-N sizes to score (none: skip)")
+    p.add_argument("--bon-prompts", type=int, default=32, help="prompts per best-of-N measurement")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script works (CI)")
     p.add_argument("--out", help="results JSON (default benchmarks/results/train_<device>_<date>.json)")
     a = p.parse_args(argv)
     if a.smoke:
         a.shapes, a.checkpointing, a.pairs_per_step, a.steps, a.warmup = ["tiny-neox"], [False], 8, 1, 1
-        a.max_length, a.max_tokens_per_batch = 256, 2048
+        a.max_length, a.max_tokens_per_batch, a.bon_ns, a.bon_prompts = 256, 2048, [4], 3
     res = run(a)
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / (
         f"train_{res['meta']['device'].split()[0].replace(' ', '_')}_{res['meta']['date']}.json")

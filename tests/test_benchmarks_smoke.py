@@ -17,3 +17,5 @@ def test_bench_train_smoke(tmp_path):
     assert [r["stack"] for r in res["train"]] == ["A", "B", "C", "D"]
     assert all(r["pairs_per_s"] > 0 and 0 < r["mfu"] for r in res["train"])
     assert res["meta"]["torch"] and res["meta"]["command"]
+    assert {r["variant"] for r in res["score"]} == {"hf_padded", "fastrm_packed", "fastrm_shared_prompt"}
+    assert all(r["responses_per_s"] > 0 for r in res["score"])
