@@ -19,6 +19,7 @@ final model, local checkpoints) is written on rank 0's node; ``storage_path`` mu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,11 +32,16 @@ from fastrm.config import RewardConfig
 from fastrm.trainer import RewardTrainer, seed_everything
 
 FSDP_NOT_READY = (
-    "--fsdp is not available yet: RewardTrainer wraps every distributed model in DistributedDataParallel, gathers "
-    "no sharded state for save_checkpoint (rank 0 alone calls save_pretrained), and loads checkpoints with plain "
-    "tensor copies. Sharding with torch.distributed.fsdp.fully_shard needs the trainer hooks described in "
-    "fastrm/ray_train.py (shard_model_fsdp2). Use DDP (the default) for models that fit one GPU."
+    "--fsdp is not available with this RewardTrainer: it has no fsdp= option, so it would wrap the model in "
+    "DistributedDataParallel, write checkpoints from rank 0's unsharded state only and run uneven micro-batch "
+    "counts per rank, which FSDP's per-forward parameter all-gathers cannot match. FSDP2 (fully_shard) needs "
+    "RewardTrainer(..., fsdp=True) (see ray_jobs/README.md); use DDP (the default) for models that fit one GPU."
 )
+
+
+def trainer_supports_fsdp() -> bool:
+    """Whether RewardTrainer takes ``fsdp=`` (FSDP2 sharding of parameters, gradients and optimizer state)."""
+    return "fsdp" in inspect.signature(RewardTrainer.__init__).parameters
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -137,7 +143,7 @@ def build_trainer(config: dict, *, resume_from: str | None = None) -> RayRewardT
     from fastrm.cli import load_tokenizer
     from fastrm.presets import is_checkpoint_dir, load_model
 
-    if config.get("fsdp"):
+    if config.get("fsdp") and not trainer_supports_fsdp():
         raise NotImplementedError(FSDP_NOT_READY)
     args = RewardConfig(**config["args"])
     if resume_from is not None:
@@ -155,6 +161,7 @@ def build_trainer(config: dict, *, resume_from: str | None = None) -> RayRewardT
         (eval_data if _is_rows(eval_data) else _as_list(eval_data)) if eval_data else None,
         tokenizer=tok, device=worker_device(bool(config.get("use_gpu"))),
         fail_at_step=config.get("fail_at_step"), fail_marker=config.get("fail_marker"),
+        **({"fsdp": True} if config.get("fsdp") else {}),
     )
 
 
@@ -248,14 +255,15 @@ def run_training(
         storage_path, name: where Ray keeps checkpoints (``storage_path/name``; shared storage on multi-node);
             default ``<output_dir>/ray`` and ``fastrm``. Re-running with the same ones resumes that run.
         collective_timeout_s: how long a collective may wait for a rank before the group fails.
-        fsdp: shard with FSDP2 instead of DDP (not available yet: raises NotImplementedError).
+        fsdp: shard parameters, gradients and optimizer state with FSDP2 instead of DDP (for models that do not
+            fit one GPU); needs ``RewardTrainer(fsdp=...)``, else raises NotImplementedError.
         train_loop: the per-worker function (default :func:`train_loop_per_worker`).
         extra: more keys for the loop config (``fail_at_step``/``fail_marker`` inject one failure, for tests).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if fsdp:
+    if fsdp and not trainer_supports_fsdp():
         raise NotImplementedError(FSDP_NOT_READY)
     loop_config = make_loop_config(args, data=data, model=model, tokenizer=tokenizer, eval_data=eval_data,
                                    use_gpu=use_gpu, fsdp=fsdp, **extra)
@@ -275,36 +283,3 @@ def run_training(
         ),
     )
     return trainer.fit()
-
-
-# ----------------------------------------------------------------------------------------------- FSDP2 (groundwork)
-
-
-def shard_model_fsdp2(model: torch.nn.Module, *, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Shard a RewardModel with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer, then the root
-    (embeddings, the lifted final norm and the score head stay in the root group, gathered for the forward).
-
-    Not wired into training yet (see ``FSDP_NOT_READY``): RewardTrainer must (1) skip its DDP wrap for an
-    ``FSDPModule``, (2) gather the full model/optimizer state on every rank in ``save_checkpoint``
-    (``torch.distributed.checkpoint.state_dict.get_model_state_dict/get_optimizer_state_dict`` with
-    ``StateDictOptions(full_state_dict=True, cpu_offload=True)``) before rank 0 writes, (3) load with
-    ``set_model_state_dict/set_optimizer_state_dict``, and (4) turn the clipped DTensor norm into a float with
-    ``.full_tensor()``.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    layers = _decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
-    return model
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    for name in ("layers", "h", "decoder.layers"):
-        mod = model.backbone
-        for part in name.split("."):
-            mod = getattr(mod, part, None)
-        if isinstance(mod, torch.nn.ModuleList):
-            return list(mod)
-    raise ValueError(f"cannot find the decoder layers of {type(model.backbone).__name__} to shard")

@@ -24,7 +24,8 @@ def build_parser():
     g.add_argument("--storage-path", help="where Ray keeps reported checkpoints (shared storage on multi-node; "
                    "default <output-dir>/ray)")
     g.add_argument("--name", help="run name under --storage-path (default fastrm); the same name resumes that run")
-    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (not available yet)")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with FSDP2 "
+                   "instead of DDP (needs a RewardTrainer with fsdp=; raises otherwise)")
     return p
 
 
