@@ -192,8 +192,10 @@ class RewardModel(nn.Module):
             model.tokenizer = AutoTokenizer.from_pretrained(path)
         return model
 
-    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> None:
-        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached)."""
+    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None, state_dict: dict | None = None) -> None:
+        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached).
+
+        ``state_dict``: this module's full state to write instead of ``self.state_dict()`` (FSDP gathers it)."""
         from transformers import AutoModelForSequenceClassification
 
         if self.score.bias is not None:
@@ -206,7 +208,8 @@ class RewardModel(nn.Module):
         cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
             hf = AutoModelForSequenceClassification.from_config(cfg)
-        state = {hf_key: self.state_dict()[key] for key, hf_key in self.hf_key_map().items()}
+        own = state_dict if state_dict is not None else self.state_dict()
+        state = {hf_key: own[key] for key, hf_key in self.hf_key_map().items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint layout mismatch: missing {missing}, unexpected {unexpected}")
@@ -229,8 +232,8 @@ class RewardModel(nn.Module):
                 out[key] = key  # score.weight
         return out
 
-    def load_weights(self, ckpt_dir: str | os.PathLike) -> None:
-        """Load the weights of a checkpoint written by :meth:`save_pretrained` into this model (for resuming)."""
+    def read_weights(self, ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """This module's full state dict from a checkpoint written by :meth:`save_pretrained`."""
         from safetensors.torch import load_file
 
         files = sorted(Path(ckpt_dir).glob("*.safetensors"))
@@ -239,13 +242,27 @@ class RewardModel(nn.Module):
         hf_state = {}
         for f in files:
             hf_state.update(load_file(str(f)))
-        own = self.state_dict()
         missing = [k for k, hk in self.hf_key_map().items() if hk not in hf_state]
         if missing:
             raise RuntimeError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
+        return {key: hf_state[hf_key] for key, hf_key in self.hf_key_map().items()}
+
+    def load_weights(self, ckpt_dir: str | os.PathLike) -> None:
+        """Load the weights of a checkpoint written by :meth:`save_pretrained` into this model (for resuming)."""
+        own = self.state_dict()
         with torch.no_grad():
-            for key, hf_key in self.hf_key_map().items():
-                own[key].copy_(hf_state[hf_key])
+            for key, value in self.read_weights(ckpt_dir).items():
+                own[key].copy_(value)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The backbone's decoder blocks (the FSDP sharding units)."""
+        for path in ("layers", "h", "decoder.layers", "transformer.h"):
+            mod = self.backbone
+            for part in path.split("."):
+                mod = getattr(mod, part, None)
+            if isinstance(mod, nn.ModuleList):
+                return list(mod)
+        raise ValueError(f"cannot find the decoder layers of {type(self.backbone).__name__}")
 
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

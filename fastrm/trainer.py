@@ -66,6 +66,7 @@ class RewardTrainer:
         tokenizer=None,
         on_step_end: Callable[[int, dict], None] | None = None,
         device: torch.device | None = None,
+        fsdp: bool = False,
     ):
         self.args = args
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -84,7 +85,10 @@ class RewardTrainer:
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.ddp_model = self.model
-        if dist.is_distributed():
+        self.fsdp = fsdp and dist.is_distributed()
+        if self.fsdp:  # shard parameters, gradients and optimizer state (FSDP2); the optimizer sees DTensors
+            dist.shard_fsdp2(self.model, self.model.decoder_layers())
+        elif dist.is_distributed():
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -153,12 +157,14 @@ class RewardTrainer:
             return self.ddp_model(batch, **kw)
 
     @torch.no_grad()
-    def _step_mu(self, mbs, n_global: int):
+    def _step_mu(self, mbs, n_global: int, pad: int = 0):
         """mu_B over the whole step on all ranks (and the cross term for detach_mean=False)."""
         ds = []
         for mb in mbs:
             r = self._forward(mb)
             ds.append(r[: mb.num_pairs] - r[mb.num_pairs:])
+        for _ in range(pad):  # FSDP: forwards only to match the other ranks' parameter all-gathers
+            self._forward(mbs[-1])
         d = torch.cat(ds) if ds else torch.zeros(0, device=self.device)
         tot = dist.all_reduce_sum(torch.stack([d.sum(), torch.tensor(float(d.numel()), device=self.device)]))
         mu = tot[0] / tot[1]
@@ -178,28 +184,38 @@ class RewardTrainer:
         mbs = [mb.to(self.device) for mb in micro_batches(pairs, a.max_tokens_per_batch, self.layout)]
         normalizer = n_global / dist.world_size()
         mu = mu_grad = None
+        pad = 0
+        if self.fsdp:  # FSDP all-gathers parameters in every forward: all ranks run as many micro-batches
+            n = dist.all_reduce_max(torch.tensor([float(len(mbs))], device=self.device))
+            pad = int(n.item()) - len(mbs)
         if a.loss in USES_MEAN and a.margin_scope == "step" and (len(mbs) > 1 or dist.world_size() > 1):
-            mu, mu_grad = self._step_mu(mbs, n_global)
+            mu, mu_grad = self._step_mu(mbs, n_global, pad)
         sums = torch.zeros(5, device=self.device)
         tokens = 0
+        n_real = len(mbs)
+        mbs = mbs + [mbs[-1]] * pad  # padding passes contribute zero loss and zero gradient
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
+            w = weight if i < n_real else 0.0
+            if self.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             ctx = self.ddp_model.no_sync() if (not last and self.ddp_model is not self.model) else nullcontext()
             with ctx:
                 loss, _, s = self._forward(mb, loss=self.loss_cfg, mu=mu, mu_grad=mu_grad, normalizer=normalizer)
-                (loss * weight).backward()
-            sums += s.float() * weight
-            tokens += mb.num_tokens
+                (loss * w).backward()
+            sums += s.float() * w
+            tokens += mb.num_tokens if i < n_real else 0
         # sums[4] adds up per-micro-batch mus; report the step mu, or the mean of the micro-batch mus
-        mu_report = float(mu) if mu is not None else float(sums[4]) / len(mbs)
-        return {"sums": sums, "pairs": 0 if weight == 0 else len(pairs), "tokens": tokens, "micro_batches": len(mbs),
+        mu_report = float(mu) if mu is not None else float(sums[4]) / n_real
+        return {"sums": sums, "pairs": 0 if weight == 0 else len(pairs), "tokens": tokens, "micro_batches": n_real,
                 "mu": mu_report}
 
     def optimizer_update(self) -> float | None:
         """Clip, step the optimizer and the schedule, zero the gradients; returns the pre-clip gradient norm."""
         grad_norm = None
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -266,8 +282,10 @@ class RewardTrainer:
         result = {"train": last, "train_runtime_s": elapsed, "train_pairs_per_s": pairs_seen / max(elapsed, 1e-9)}
         if a.save_steps:
             self.save_checkpoint()
-        if a.save_final and dist.is_main():
-            self.model.save_pretrained(self.out, tokenizer=self.tokenizer)
+        if a.save_final:
+            full = dist.full_state_dicts(self.model)[0] if self.fsdp else None  # collective
+            if dist.is_main():
+                self.model.save_pretrained(self.out, tokenizer=self.tokenizer, state_dict=full)
         if self.eval_pairs:
             result["eval"] = self.evaluate()
             self._log({"split": "eval", "step": self.step, **result["eval"]})
@@ -296,12 +314,14 @@ class RewardTrainer:
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write an HF-loadable model folder plus trainer_state.pt (optimizer, scheduler, RNG, step)."""
         ckpt = Path(path) if path is not None else self.out / f"checkpoint-{self.step}"
+        model_sd, optim_sd = dist.full_state_dicts(self.model, self.optimizer) if self.fsdp else (None, None)
         if dist.is_main():
             ckpt.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(ckpt, tokenizer=self.tokenizer)
+            self.model.save_pretrained(ckpt, tokenizer=self.tokenizer, state_dict=model_sd)
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optim_sd if self.fsdp else self.optimizer.state_dict(),
+                "fsdp": self.fsdp,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
                         if torch.cuda.is_available() else None, "python": random.getstate(),
@@ -330,13 +350,20 @@ class RewardTrainer:
         path = Path(path)
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"{path}: not a fastrm checkpoint (no {STATE_FILE})")
-        self.model.load_weights(path)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get("fsdp", False) != self.fsdp:
+            raise ValueError(f"{path}: optimizer state saved {'with' if state.get('fsdp') else 'without'} FSDP; "
+                             f"resume the same way")
+        if not self.fsdp:
+            self.model.load_weights(path)
         for key in ("seed", "pairs_per_step"):  # they fix the data order: another value would silently diverge
             if state["config"].get(key) != getattr(self.args, key):
                 raise ValueError(f"{path}: checkpoint was trained with {key}={state['config'].get(key)}, "
                                  f"this run has {key}={getattr(self.args, key)}; resume with the same value")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            dist.load_full_state_dicts(self.model, self.model.read_weights(path), self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
