@@ -135,7 +135,7 @@ def cmd_train(argv: list[str]) -> int:
     model = load_model(extra["model"], tokenizer=tok, **new_head)
     trainer = RewardTrainer(model, cfg, _as_list(extra["data"]),
                             _as_list(extra["eval_data"]) if extra.get("eval_data") else None, tokenizer=tok)
-    for split, st in getattr(trainer, "load_stats", {}).items():
+    for split, st in trainer.load_stats.items():
         print(f"[{split}] {st.summary()}", file=sys.stderr)
     result = trainer.train()
     _print_result(result, cfg.output_dir)

@@ -396,20 +396,26 @@ def load_pairs(
 # ---------------------------------------------------------------------------------------------- tokenization
 
 
-def _fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, stats: LoadStats):
-    """Truncate so that each full sequence is <= max_length, keeping response ends (where reward is pooled)."""
-    longest = max(len(chosen), len(rejected))
+def truncate_group(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Fit prompt + each response into ``max_length``, keeping response ends (where the reward is pooled): cut the
+    shared prompt from its left so the longest response fits; if a response alone is longer than ``max_length``,
+    drop the prompt and keep the last ``max_length`` tokens of each response. Pairs and best-of-N groups share it."""
+    longest = max(len(r) for r in responses)
     if longest > max_length:
-        # No room for any prompt: drop it and keep the end of each response.
-        stats.response_truncated += 1
-        if prompt:
-            stats.prompt_truncated += 1
-        return [], chosen[-max_length:], rejected[-max_length:]
+        return [], [r[-max_length:] for r in responses]
     room = max_length - longest
-    if len(prompt) > room:
+    # left truncation: the turns nearest the response matter most
+    return (prompt[len(prompt) - room :] if len(prompt) > room else prompt), responses
+
+
+def _fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, stats: LoadStats):
+    """:func:`truncate_group` for a pair, counting what was cut."""
+    new_prompt, (c, r) = truncate_group(prompt, [chosen, rejected], max_length)
+    if max(len(chosen), len(rejected)) > max_length:
+        stats.response_truncated += 1
+    if len(new_prompt) < len(prompt):
         stats.prompt_truncated += 1
-        prompt = prompt[len(prompt) - room :]  # left truncation: the turns nearest the response matter most
-    return prompt, chosen, rejected
+    return new_prompt, c, r
 
 
 def _batched_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:

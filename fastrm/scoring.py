@@ -12,18 +12,8 @@ from typing import Sequence
 
 import torch
 
+from fastrm.data import truncate_group
 from fastrm.packing import group_cost, pack_prompt_responses, plan_micro_batches
-
-
-def truncate_group(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
-    """Fit prompt + each response into ``max_length``: cut the shared prompt from its left so the longest response
-    fits; a response longer than ``max_length`` alone keeps its last ``max_length`` tokens (the pooled end) and the
-    group then drops the prompt (same rule as fastrm.data for pairs)."""
-    longest = max(len(r) for r in responses)
-    if longest > max_length:
-        return [], [r[-max_length:] for r in responses]
-    room = max_length - longest
-    return (prompt[len(prompt) - room:] if room < len(prompt) else prompt), responses
 
 
 def tokenize_groups(

@@ -71,6 +71,7 @@ class RewardTrainer:
         self.args = args
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.device = device or default_device()
+        self.load_stats: dict = {}  # split -> fastrm.data.LoadStats, for data loaded here
         self.train_pairs = self._prepare(train_dataset, "train")
         self.eval_pairs = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         if self.eval_pairs is None and args.eval_fraction > 0:
@@ -117,7 +118,7 @@ class RewardTrainer:
             raise ValueError(f"{what} data is not tokenized: pass tokenizer=...")
         pairs, stats = load_tokenized(ds, self.tokenizer, max_length=self.args.max_length,
                                       append_eos=self.args.append_eos, on_bad_row=self.args.on_bad_row)
-        self.__dict__.setdefault("load_stats", {})[what] = stats
+        self.load_stats[what] = stats
         return pairs
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
