@@ -14,7 +14,10 @@ grad_hidden, zeros included) over the measured device-to-device copy bandwidth.
 
 Run (GPU only; skipped without CUDA):
     python -m pytest benchmarks/bench_kernels.py -q
-Results go to benchmarks/results/kernels_<gpu>_<date>.json.
+Results go to benchmarks/results/kernels_<gpu>_<date>.json (FASTRM_KERNELS_OUT: another path), rewritten after each
+case so a run cut by a time limit keeps what it measured. FASTRM_KERNELS_GRID picks the cases: ``full`` (default,
+243 cases), ``runbook`` (the device runbook's minute: HH-pack sizes T = 32k, B = 64/128, H = 1024/2048, fused vs
+eager), ``dry`` (the runbook's CPU rehearsal: tiny sizes under the Triton interpreter, wall-clock medians).
 """
 
 from __future__ import annotations
@@ -31,21 +34,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+GRID = os.environ.get("FASTRM_KERNELS_GRID", "full")
+DRY = GRID == "dry"
 pytestmark = [
     pytest.mark.benchmark,
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA"),
+    pytest.mark.skipif(not (torch.cuda.is_available() or DRY), reason="GPU benchmark: needs CUDA"),
 ]
+if not DRY:
+    pytestmark.append(pytest.mark.gpu)
 
-TS = [16 * 1024, 64 * 1024, 256 * 1024]
-BS = [8, 128, 1024]
-HS = [1024, 2048, 4096]
-IMPLS = ["fused", "eager", "compiled"]
+TS, BS, HS, IMPLS = {
+    "full": ([16 * 1024, 64 * 1024, 256 * 1024], [8, 128, 1024], [1024, 2048, 4096], ["fused", "eager", "compiled"]),
+    # An HH pack at the default budget: T ~ 32k tokens, 64-80 pairs; pythia-410m / 1.4b widths.
+    "runbook": ([32 * 1024], [64, 128], [1024, 2048], ["fused", "eager"]),
+    "dry": ([512], [8], [64], ["fused", "eager"]),
+}[GRID]
 MODES = ["fwd", "bwd", "fwdbwd"]
 EPS = 1e-6
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _bench(fn, grad_to_none=None) -> float:
+    """Median milliseconds: triton.testing.do_bench (CUDA events) on a GPU, wall-clock medians in the dry run."""
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+    import statistics
+    import time
+
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def eager_composition(hidden, pool_index, norm_weight, head_weight, head_bias, B: int) -> torch.Tensor:
@@ -100,13 +127,12 @@ def _bytes_lower_bound(T: int, B: int, H: int, mode: str) -> int:
 @pytest.fixture(scope="module")
 def copy_bandwidth() -> float:
     """Achievable HBM bandwidth in bytes/s: a 1 GiB device-to-device copy counts its read and its write."""
-    import triton.testing
-
-    n = 1 << 30
+    n = 1 << (30 if DEVICE == "cuda" else 24)
     buf = torch.empty(2, n, dtype=torch.uint8, device=DEVICE)
-    ms = triton.testing.do_bench(lambda: buf[1].copy_(buf[0]), return_mode="median")
+    ms = _bench(lambda: buf[1].copy_(buf[0]))
     buf = None
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return 2 * n / (ms * 1e-3)
 
 
@@ -114,7 +140,7 @@ def write_results(rows: list[dict], copy_bandwidth: float) -> Path:
     """Write all rows plus environment and fused-vs-baseline speedups to results/kernels_<gpu>_<date>.json."""
     import triton
 
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run, Triton interpreter)"
     by_key = {(r["T"], r["B"], r["H"], r["mode"], r["impl"]): r["median_ms"] for r in rows if "median_ms" in r}
     speedups = {}
     for (T, B, H, mode, impl), ms in by_key.items():
@@ -129,6 +155,7 @@ def write_results(rows: list[dict], copy_bandwidth: float) -> Path:
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+        "grid": GRID,
         "dtype": str(DTYPE),
         "norm": "rms",
         "loss": "bt",
@@ -136,19 +163,34 @@ def write_results(rows: list[dict], copy_bandwidth: float) -> Path:
         "results": rows,
         "speedup_fused": speedups,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
-    path = RESULTS_DIR / f"kernels_{name}_{_dt.date.today():%Y%m%d}.json"
+    if os.environ.get("FASTRM_KERNELS_OUT"):
+        path = Path(os.environ["FASTRM_KERNELS_OUT"])
+    else:
+        name = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+        path = RESULTS_DIR / f"kernels_{name}_{_dt.date.today():%Y%m%d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return path
 
 
+class _Rows(list):
+    """The results so far, written to the JSON after every case (a cut run keeps what it measured)."""
+
+    def __init__(self, bandwidth: float):
+        super().__init__()
+        self.bandwidth = bandwidth
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.path = write_results(self, self.bandwidth)
+
+
 @pytest.fixture(scope="module")
 def results(copy_bandwidth):
-    rows: list[dict] = []
+    rows = _Rows(copy_bandwidth)
     yield rows
     if rows:
-        print(f"\nwrote {write_results(rows, copy_bandwidth)}", file=sys.stderr)
+        print(f"\nwrote {rows.path}", file=sys.stderr)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -157,8 +199,6 @@ def results(copy_bandwidth):
 @pytest.mark.parametrize("B", BS)
 @pytest.mark.parametrize("T", TS)
 def test_reward_head_loss(benchmark, results, copy_bandwidth, T, B, H, impl, mode):
-    import triton.testing
-
     benchmark.group = f"T={T} B={B} H={H} {mode}"
     row = {"T": T, "B": B, "H": H, "impl": impl, "mode": mode}
     try:
@@ -174,7 +214,7 @@ def test_reward_head_loss(benchmark, results, copy_bandwidth, T, B, H, impl, mod
             def step():
                 loss_fn().backward()
 
-        ms = triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median")
+        ms = _bench(step, grad_to_none=leaves)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         row["error"] = "OOM"
@@ -197,14 +237,16 @@ def test_reward_head_loss(benchmark, results, copy_bandwidth, T, B, H, impl, mod
         for t in leaves:
             t.grad = None
         step()
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
-    benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced, rounds=1 if DRY else 5, iterations=1, warmup_rounds=0 if DRY else 1)
     if os.environ.get("FASTRM_BENCH_VERBOSE"):
         print(f"{impl:>8} {mode:>6} T={T} B={B} H={H}: {ms:.3f} ms (bound {bound_ms:.3f} ms)", file=sys.stderr)
 
 
 @pytest.mark.parametrize("B", BS)
+@pytest.mark.skipif(GRID != "full", reason="the full grid only")
 def test_input_checks(benchmark, results, B):
     """Cost of the device-side input checks each fused call queues (no host sync): the pool_index range assert
     (every call) and the finite-margin assert (loss='margin' only). Compare with the fused fwd times above."""

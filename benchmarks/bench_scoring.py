@@ -202,6 +202,14 @@ def main(argv=None) -> dict:
     device = torch.device(a.device)
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
+    data = Path(a.rm_bench_dir) if a.workload == "rm-bench" else SHARED / "hh-rlhf" / "helpful-base_test.jsonl.gz"
+    for need in (Path(a.tokenizer), data):
+        if not need.exists():  # no made-up workload: this benchmark scores real text (see hh_lengths.py for lengths)
+            sys.exit(
+                f"bench_scoring: {need} not found: this benchmark scores real RM-Bench / HH-RLHF text and the "
+                "GPT-NeoX tokenizer from ../shared/data (it does not travel to the device; the device runbook's "
+                "best-of-N block uses bench_train.py with the carried HH lengths)"
+            )
     tok = load_tokenizer(a.tokenizer)
     rm, hf = build_models(a.shape, len(tok), device)
     if a.workload == "rm-bench":

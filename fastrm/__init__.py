@@ -11,7 +11,9 @@ from fastrm.loading import load_model, load_tokenizer
 from fastrm.losses import pairwise_loss
 from fastrm.model import LossConfig, RewardModel
 from fastrm.scoring import score
+from fastrm.seq2seq_rewards import token_rewards
 from fastrm.trainer import RewardTrainer
+from fastrm.version import __version__ as __version__
 
 __all__ = [
     "RewardConfig",
@@ -22,7 +24,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "score",
+    "token_rewards",
     "evaluate_benchmark",
     "UnsupportedBackbone",
 ]
-__version__ = "0.1.0"

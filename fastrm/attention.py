@@ -223,6 +223,11 @@ def varlen_attention(
         and not dropout_p
     ):
         return _shared_prompt_no_grad(q, k, v, plan.segments, scale)
+    if backend != "exact" and torch.is_autocast_enabled(q.device.type):
+        # Autocast does not reach these kernels, and RoPE leaves q, k in fp32 beside a bf16 v (HF's flash path casts
+        # the same way); SDPA, on the exact path, casts itself.
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     kk, vv = (k, v) if plan.k_index is None else (k.index_select(0, plan.k_index), v.index_select(0, plan.k_index))
     if backend == "exact":
         return _exact_attention(q, kk, vv, plan, scale, dropout_p, window, softcap, sinks)
@@ -295,7 +300,14 @@ def _keep(Q: int, K: int, window: int | None, device) -> torch.Tensor:
 
 def _attend_with_lse(q, k, v, scale, causal: bool):
     """[1, H, Q, Dv] output and [1, H, Q] fp32 log-sum-exp of SDPA on the CPU (its fused kernel returns both; the
-    log-sum-exp carries no gradient, so callers use this without autograd only). GQA heads are expanded here."""
+    log-sum-exp carries no gradient, so callers use this without autograd only). GQA heads are expanded here.
+    The aten op skips autocast, which can hand it mixed dtypes (RoPE'd q, k in fp32, v in bf16): it computes in the
+    dtype SDPA would under autocast (as the masked path does), else in the widest of the three."""
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+    else:
+        dt = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

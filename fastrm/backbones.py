@@ -8,11 +8,15 @@ built:
 
 * :func:`check_backbone`: static checks on the model (its class, config and modules) that raise
   :class:`UnsupportedBackbone` with the model type, the reason and what to do; returns :class:`BackboneInfo`.
-* :func:`self_test`: a few short random sequences through the packed path, in both layouts, against the same
-  backbone with transformers' eager attention, one sequence at a time (catches lost masks, state leaking between
-  packed sequences, RoPE differences, kwargs that never arrive).
-* :func:`check_batch`: the per-batch limit of RoPE variants that pick their frequencies from the longest sequence
-  of a call (``dynamic``, ``longrope``): a host-side check of ``plan.max_k``, no device sync.
+* :func:`self_test` (:mod:`fastrm.self_test`): inputs chosen from the model's config (past every window) through
+  the packed path, scoring and training, both layouts, against the same backbone with transformers' eager
+  attention one sequence at a time: hidden states, rewards at the pooled rows, gradients; tolerances calibrated
+  for low precision (catches lost or off-by-one windows and masks, state leaking between packed sequences, RoPE
+  differences, kwargs that never arrive, a wrong pooled row). :func:`self_test_for_run` repeats it on the device
+  and in the precision a run trains in.
+* :func:`batch_parts`: RoPE variants that pick their frequencies from the longest sequence of a call
+  (``dynamic``, ``longrope``): a batch holding a sequence past the original length runs it alone
+  (:mod:`fastrm.long_rope`); a host-side check of ``plan.max_k``, no device sync.
 * :func:`set_checkpoint_token_ids`: the bos/eos/pad ids a saved checkpoint needs so that HF's
   ``*ForSequenceClassification`` pools the same token fastrm pools (the EOS that ends each response).
 """
@@ -27,10 +31,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastrm.attention import ATTN_NAME, UnsupportedBackbone, resolve_backend
-from fastrm.packing import pack_prompt_responses
+from fastrm.attention import UnsupportedBackbone
+from fastrm.long_rope import rope_limit, rope_parts
+from fastrm.self_test import self_test, self_test_for_run
 
-__all__ = ["UnsupportedBackbone", "BackboneInfo", "check_backbone", "check_batch", "self_test"]
+__all__ = [
+    "UnsupportedBackbone",
+    "BackboneInfo",
+    "check_backbone",
+    "batch_parts",
+    "self_test",
+    "self_test_for_run",
+    "set_checkpoint_token_ids",
+]
 
 # Layer kinds whose token mixing is attention that the packed plan reproduces (chunked: up to the chunk size,
 # checked per layer call). Anything else in ``config.layer_types`` mixes tokens some other way.
@@ -47,11 +60,6 @@ _MIXER_NAME = re.compile(
 
 # Families whose decoder layers drop ``**kwargs`` on the way to attention: the packed-batch plan never arrives.
 _DROPS_KWARGS = {"stablelm", "nemotron"}
-
-# Self-test tolerance on the per-token error max|h - ref| / max|ref| by dtype. Low precision compares the 75th
-# percentile over tokens, not the max: a near-tie in an MoE router may flip for one token between two kernels,
-# while the bugs this test exists for (lost masks, leaks between sequences, RoPE) touch most tokens.
-_SELF_TEST_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
 @dataclass
@@ -95,7 +103,7 @@ def check_backbone(backbone: nn.Module) -> BackboneInfo:
     head_width, why = _seq_cls_head_width(cfg)
     if why:
         reasons.append(why)
-    limit, rope_reason = _rope_limit(backbone)
+    limit, rope_reason = rope_limit(backbone)
     if limit == -1:
         reasons.append(rope_reason)
     if reasons:
@@ -132,168 +140,10 @@ def _seq_cls_head_width(cfg) -> tuple[int, str | None]:
     return score.in_features, None
 
 
-def _rope_limit(backbone: nn.Module) -> tuple[int | None, str]:
-    """(longest sequence a packed batch may hold, why) for RoPE variants that pick their frequencies from the
-    largest position of the call (transformers' ``dynamic_rope_update``): ``dynamic`` recomputes them above
-    ``original_max_seq_len``, ``longrope`` switches to its long factors above ``original_max_position_embeddings``.
-    Within the limit every call uses the original frequencies, as each sequence alone does. (None, "") when no
-    such RoPE; (-1, reason) when its limit cannot be found."""
-    limits: list[tuple[int, str]] = []
-    for m in backbone.modules():
-        rope_type = getattr(m, "rope_type", None)  # rotary modules: a string, or a dict per layer type (Gemma3)
-        if not isinstance(rope_type, (str, dict)) or not hasattr(m, "config"):
-            continue
-        per_layer = rope_type.items() if isinstance(rope_type, dict) else [(None, rope_type)]
-        for layer_type, rt in per_layer:
-            if "dynamic" in str(rt):
-                limit = getattr(m, "original_max_seq_len", None)
-            elif rt == "longrope":
-                params = getattr(m.config, "rope_parameters", None) or {}
-                if layer_type is not None:
-                    params = params.get(layer_type, {})
-                limit = params.get("original_max_position_embeddings")
-                limit = limit or getattr(m.config, "original_max_position_embeddings", None)
-            else:
-                continue
-            if not isinstance(limit, int):
-                return -1, f"its {rt} RoPE depends on the longest sequence of a batch and its limit cannot be found"
-            limits.append((limit, rt))
-    if not limits:
-        return None, ""
-    limit, rt = min(limits)
-    return limit, f"its {rt} RoPE picks frequencies from the longest sequence of a call (original length {limit})"
-
-
-def check_batch(info: BackboneInfo, batch) -> None:
-    """Refuse a packed batch whose longest sequence would change the RoPE of the others (host ints only)."""
-    if info.position_limit is not None and batch.attn.max_k > info.position_limit:
-        raise UnsupportedBackbone(
-            f"{info.model_type}: {info.position_reason}, and this batch holds a sequence of {batch.attn.max_k} "
-            f"tokens, so packing would change the RoPE of its shorter neighbours; set max_length <= "
-            f"{info.position_limit}"
-        )
-
-
-# ---------------------------------------------------------------- self-test
-def _self_test_groups(vocab: int) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Two prompts with three responses: sequences of 6-9 tokens (random ids, fixed seed, so deterministic)."""
-    g = torch.Generator().manual_seed(1234)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(0, vocab, (n,), generator=g).tolist()
-
-    return [ids(4), ids(2)], [[ids(3), ids(5)], [ids(4)]]
-
-
-@torch.no_grad()
-def self_test(model) -> None:
-    """Compare the packed path (both layouts) with the backbone's eager attention on each sequence alone, on every
-    token's pre-final-norm hidden state; raise :class:`UnsupportedBackbone` on a mismatch.
-
-    Runs in eval mode (dropout off) and restores the mode and attention implementation after. Skipped for a
-    backbone on the meta device. Cost: five forwards of at most 22 tokens.
-    """
-    backbone = model.backbone
-    param = next(backbone.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return
-    info: BackboneInfo = model.backbone_info
-    vocab = backbone.get_input_embeddings().num_embeddings
-    prompts, responses = _self_test_groups(vocab)
-    seqs = [p + r for p, rs in zip(prompts, responses) for r in rs]
-    training, backend = backbone.training, model.attn_backend
-    backbone.eval()
-    try:
-        resolve_backend(backend, param.device)
-    except ValueError:  # e.g. "flash" named for a model built on the CPU and moved to CUDA later
-        model.attn_backend = "auto"
-    try:
-        packed = {}
-        for layout in ("separate", "shared_prompt"):
-            batch = pack_prompt_responses(prompts, responses, layout).to(param.device)
-            try:
-                packed[layout] = _packed_hidden(model, batch)
-            except UnsupportedBackbone:
-                raise
-            except Exception as e:  # e.g. a model that does arithmetic on the mask object it gets
-                raise UnsupportedBackbone(
-                    f"fastrm cannot train {info.model_type} exactly: its packed forward fails ({e}). Use a checkpoint "
-                    "of another family"
-                ) from e
-        backbone.set_attn_implementation("eager")
-        try:
-            ref = [_eager_hidden(backbone, s, param.device) for s in seqs]
-        finally:
-            backbone.set_attn_implementation(ATTN_NAME)
-    finally:
-        backbone.train(training)
-        model.attn_backend = backend
-    for layout, hidden in packed.items():
-        rows = _rows_of_sequences(prompts, responses, layout)
-        for i, (r, h) in enumerate(zip(rows, ref)):
-            got = hidden.index_select(0, torch.tensor(r, device=hidden.device))
-            _compare(info.model_type, layout, i, got, h)
-
-
-def _packed_hidden(model, batch) -> torch.Tensor:
-    """[T, H] packed hidden states; checks on the way that the lifted final norm was the backbone's last step (a
-    module after it, such as OPT's project_out, would then see un-normed rows)."""
-    if model.norm_name is None:
-        return model.hidden_states(batch)
-    seen: list[torch.Tensor] = []
-    hook = getattr(model.backbone, model.norm_name).register_forward_hook(lambda m, a, out: seen.append(out))
-    try:
-        hidden = model.hidden_states(batch)
-    finally:
-        hook.remove()
-    if len(seen) != 1 or seen[0].shape[-2:] != hidden.shape or not torch.equal(seen[0].reshape(hidden.shape), hidden):
-        raise UnsupportedBackbone(
-            f"fastrm cannot train {model.backbone_info.model_type} exactly: its final norm "
-            f"({model.norm_name}) is not the backbone's last step, so it cannot run on the pooled rows only. Use a "
-            "checkpoint of another family"
-        )
-    return hidden
-
-
-def _eager_hidden(backbone: nn.Module, ids: list[int], device) -> torch.Tensor:
-    """[L, H] hidden states of one sequence alone, no position ids or mask: stock transformers."""
-    return backbone(input_ids=torch.tensor([ids], device=device), use_cache=False).last_hidden_state[0]
-
-
-def _rows_of_sequences(prompts, responses, layout: str) -> list[list[int]]:
-    """Packed rows of each sequence (prompt + response) in group-then-response order."""
-    rows, at = [], 0
-    for p, rs in zip(prompts, responses):
-        if layout == "separate":
-            for r in rs:
-                rows.append(list(range(at, at + len(p) + len(r))))
-                at += len(p) + len(r)
-        else:
-            prompt_rows = list(range(at, at + len(p)))
-            at += len(p)
-            for r in rs:
-                rows.append(prompt_rows + list(range(at, at + len(r))))
-                at += len(r)
-    return rows
-
-
-def _compare(model_type: str, layout: str, seq: int, got: torch.Tensor, ref: torch.Tensor) -> None:
-    """got, ref: [L, H] hidden states of one sequence (packed vs eager)."""
-    if got.shape != ref.shape:
-        raise UnsupportedBackbone(
-            f"fastrm cannot train {model_type} exactly: its packed output rows have shape {tuple(got.shape)} but "
-            f"eager gives {tuple(ref.shape)}. Use a checkpoint of another family"
-        )
-    err = (got.float() - ref.float()).abs().amax(-1) / ref.float().abs().amax(-1).clamp_min(1e-6)  # [L]
-    rtol = _SELF_TEST_RTOL.get(ref.dtype, 1e-1)
-    low = ref.dtype in (torch.bfloat16, torch.float16)
-    stat = err.quantile(0.75).item() if low else err.max().item()
-    if not stat <= rtol:  # also catches NaN
-        raise UnsupportedBackbone(
-            f"fastrm cannot train {model_type} exactly: its packed attention ({layout} layout) differs from its eager "
-            f"attention on sequence {seq} by {stat:.2e} (relative, tolerance {rtol:.0e} for {ref.dtype}), worst at "
-            f"token {int(err.argmax())} of {len(err)}. Use a checkpoint of another family"
-        )
+def batch_parts(info: BackboneInfo, batch):
+    """None when ``batch`` runs as one call; else the calls a long sequence of ``dynamic`` / ``longrope`` RoPE must
+    make alone (host ints only; see :func:`fastrm.long_rope.rope_parts`)."""
+    return rope_parts(info.position_limit, batch)
 
 
 # ---------------------------------------------------------------- checkpoints

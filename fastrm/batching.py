@@ -1,21 +1,30 @@
-"""Dynamic batching for the reward server: concurrent requests -> token-budget micro-batches, one model call at a time.
+"""Fair dynamic batching for the reward server: concurrent requests -> token-budget micro-batches, one model call
+at a time, shared fairly between requests.
 
 A request is a list of :class:`Group` (one prompt's token ids and its responses' token ids, already truncated by
-the training rule). The :class:`DynamicBatcher`
+the training rule); the batcher sees it as a queue of responses still to score. The :class:`DynamicBatcher`
 
 1. queues requests in arrival order;
-2. when the model is free, takes queued requests first-in first-out while they fit the token budget (always at
-   least one); before that it waits, at most ``max_wait_ms`` after the oldest queued request, for requests that are
-   already on their way (inside :meth:`DynamicBatcher.arriving`: being read and tokenized), but never for requests
-   that may or may not come, so a lone request is scored at once;
-3. merges groups with identical prompt ids, within and across requests, into one shared-prompt group: the prompt
-   is computed once, and the result is exact because each response sees the same tokens at the same positions;
-4. runs the model in a worker thread (one call at a time: a model is not shared between threads) and resolves each
-   request's future with its own rewards, in its own order.
+2. when the model is free, fills one micro-batch of at most ``max_batch_tokens`` tokens in passes over the queue
+   in arrival order: in each pass a request adds its next responses until it has taken another
+   ``request_share`` of the micro-batch (a quarter by default). So a request that fits its share goes whole (its
+   prompt computed once), a large request is spread over micro-batches and interleaved with the work of the
+   requests behind it, and a small request behind a large one waits for about one micro-batch (the one
+   running), not for the whole large request; what the first pass leaves goes to whoever still has work, so a
+   lone large request still fills whole micro-batches. Before a micro-batch starts it waits, at most
+   ``max_wait_ms`` after the oldest queued request, for requests already on their way (inside
+   :meth:`DynamicBatcher.arriving`: being read and tokenized), but never for requests that may or may not come,
+   so a lone request goes at once;
+3. merges the micro-batch's responses with identical prompt ids, within and across requests, into one
+   shared-prompt group: the prompt is computed once, and the result is exact because each response sees the
+   same tokens at the same positions;
+4. runs the model in a worker thread (one call at a time: a model is not shared between threads) and resolves a
+   request's future with its own rewards, in its own order, once its last response is scored;
+5. drops a request whose future was cancelled (its client went away) with the responses it had not yet sent to
+   the model, and reports their count to ``on_abandon``.
 
 While the model runs, new requests queue, so under load each call takes what arrived during the previous one
-(continuous batching): batches grow with the load without an artificial delay. A group too big for one
-micro-batch is scored in chunks of its responses, each with the prompt (same rewards).
+(continuous batching): batches grow with the load without an artificial delay.
 
 >>> batcher = DynamicBatcher(lambda p, r: score_token_groups(model, p, r), max_batch_tokens=16384, max_wait_ms=5)
 >>> await batcher.submit([Group(prompt_ids, [resp_a_ids, resp_b_ids])])   # -> [[r_a, r_b]]
@@ -45,6 +54,15 @@ class Group:
     responses: list[list[int]]
 
 
+def request_tokens(groups: Sequence[Group], layout: Layout) -> int:
+    """Tokens the model computes for these groups when scored together: with ``shared_prompt``, a prompt that
+    several groups share counts once (the batcher merges them), as the work a request asks for."""
+    if layout != "shared_prompt":
+        return sum(group_cost(len(g.prompt), [len(r) for r in g.responses], layout) for g in groups)
+    prompts = {tuple(g.prompt) for g in groups}
+    return sum(map(len, prompts)) + sum(len(r) for g in groups for r in g.responses)
+
+
 @dataclass
 class BatchStats:
     """What one model call did, for metrics: requests served, responses scored, packed tokens, seconds."""
@@ -53,24 +71,28 @@ class BatchStats:
     responses: int
     tokens: int
     seconds: float
-    queue_seconds: list[float] = field(default_factory=list)  # per request: arrival -> taken into the batch
+    queue_seconds: list[float] = field(default_factory=list)  # per request started here: arrival -> first scored
 
 
 class BatcherClosed(RuntimeError):
     """The server is shutting down: the request was not scored."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
-    parts: list[Group]  # the request's groups, big ones split into chunks of responses
-    owner: list[int]  # parts[i] belongs to the request's group owner[i]
-    num_groups: int
+    groups: Sequence[Group]
+    keys: list[tuple[int, ...]]  # the groups' prompt ids, hashable: responses with equal keys share a prompt
+    todo: deque[tuple[int, int]]  # (group, response) not yet sent to the model, in order
+    rewards: list[list[float]]
+    left: int  # responses not yet scored
     future: asyncio.Future
     arrival: float
+    queued_tokens: int  # estimate of the tokens in todo (prompts counted once per group)
+    started: bool = False
 
 
 class DynamicBatcher:
-    """Merge concurrent scoring requests into token-budget batches and score them one batch at a time.
+    """Merge concurrent scoring requests into fair token-budget micro-batches, scored one at a time.
 
     Args:
         score_fn: scores merged groups (called in a single worker thread, never concurrently).
@@ -78,6 +100,8 @@ class DynamicBatcher:
         max_wait_ms: how long a batch may wait for requests on their way (see :meth:`arriving`).
         layout: how ``score_fn`` packs groups ("shared_prompt" or "separate"); decides the token cost of a group.
         on_batch: called in the event loop after each model call with its :class:`BatchStats`.
+        on_abandon: called with the number of responses of a cancelled request that were never scored.
+        request_share: the part of a micro-batch a request takes per pass while others wait (see :meth:`_take`).
     """
 
     def __init__(
@@ -88,41 +112,65 @@ class DynamicBatcher:
         max_wait_ms: float,
         layout: Layout = "shared_prompt",
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_abandon: Callable[[int], None] | None = None,
+        request_share: float = 0.25,
     ):
-        if max_batch_tokens < 1 or max_wait_ms < 0:
-            raise ValueError(f"need max_batch_tokens >= 1 and max_wait_ms >= 0, got {max_batch_tokens}, {max_wait_ms}")
+        if max_batch_tokens < 1 or max_wait_ms < 0 or not 0 < request_share <= 1:
+            raise ValueError(
+                f"need max_batch_tokens >= 1, max_wait_ms >= 0 and 0 < request_share <= 1, got {max_batch_tokens}, "
+                f"{max_wait_ms}, {request_share}"
+            )
         self.score_fn = score_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.layout = layout
         self.on_batch = on_batch
-        self._queue: deque[_Request] = deque()
+        self.on_abandon = on_abandon
+        self.share = max(1, int(request_share * max_batch_tokens))  # tokens per request per pass of _take
+        self._queue: deque[_Request] = deque()  # requests with responses not yet sent to the model
         self._queued_tokens = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
-        self._inflight: list[_Request] = []  # the batch the model is scoring now
+        self._inflight: list[_Request] = []  # requests with responses in the running model call
         self._arriving = 0  # requests inside arriving(): on their way to submit()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastrm-model")
 
     # ------------------------------------------------------------------------------------------------ public
 
+    @property
+    def queued_requests(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
     async def submit(self, groups: Sequence[Group]) -> list[list[float]]:
-        """Rewards [G][N_g] of the given groups, in order. Raises what ``score_fn`` raised for its batch."""
+        """Rewards [G][N_g] of the given groups, in order. Raises what ``score_fn`` raised for a micro-batch of it.
+        Cancelling the caller drops the request's responses that have not reached the model yet."""
         if self._closed:
             raise BatcherClosed("the server is shutting down")
         if not groups:
             return []
         self._start()
-        parts, owner = [], []
-        for g, group in enumerate(groups):
-            for chunk in self._split(group):
-                parts.append(chunk)
-                owner.append(g)
         loop = asyncio.get_running_loop()
-        req = _Request(parts, owner, len(groups), loop.create_future(), loop.time())
+        todo = deque((g, j) for g, group in enumerate(groups) for j in range(len(group.responses)))
+        cost = sum(self._cost(len(g.prompt), [len(r) for r in g.responses]) for g in groups)
+        req = _Request(
+            groups=groups,
+            keys=[tuple(g.prompt) for g in groups],
+            todo=todo,
+            rewards=[[float("nan")] * len(g.responses) for g in groups],
+            left=len(todo),
+            future=loop.create_future(),
+            arrival=loop.time(),
+            queued_tokens=cost,
+        )
+        if not req.left:
+            return req.rewards
         self._queue.append(req)
-        self._queued_tokens += sum(self._cost(p) for p in parts)
+        self._queued_tokens += cost
         self._wakeup.set()
         return await req.future
 
@@ -143,6 +191,7 @@ class DynamicBatcher:
         self._closed = True
         unserved = [*self._inflight, *self._queue]  # before cancelling: the worker forgets its batch when cancelled
         self._queue.clear()
+        self._queued_tokens = 0
         if self._task is not None:
             self._task.cancel()
             try:
@@ -162,29 +211,15 @@ class DynamicBatcher:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="fastrm-batcher")
 
-    def _cost(self, group: Group, prompt_seen: bool = False) -> int:
-        prompt_len = 0 if prompt_seen else len(group.prompt)
-        return group_cost(prompt_len, [len(r) for r in group.responses], self.layout)
-
-    def _split(self, group: Group) -> list[Group]:
-        """Chunks of the group's responses (each with the prompt) that fit the budget; one chunk when it fits."""
-        if self._cost(group) <= self.max_batch_tokens:
-            return [group]
-        chunks: list[Group] = []
-        cur: list[list[int]] = []
-        for r in group.responses:
-            if cur and self._cost(Group(group.prompt, cur + [r])) > self.max_batch_tokens:
-                chunks.append(Group(group.prompt, cur))
-                cur = []
-            cur.append(r)
-        chunks.append(Group(group.prompt, cur))
-        return chunks
+    def _cost(self, prompt_len: int, response_lens: list[int]) -> int:
+        return group_cost(prompt_len, response_lens, self.layout)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            self._drop_finished()
             if not self._queue:
                 continue
             # Wait for requests already on their way (being read and tokenized), until the oldest queued request
@@ -199,68 +234,97 @@ class DynamicBatcher:
                 except asyncio.TimeoutError:
                     break
                 self._wakeup.clear()
-            batch = self._take()
+            self._drop_finished()
+            taken, used = self._take()
             if self._queue:  # what did not fit goes next, after this batch
                 self._wakeup.set()
-            if batch:
-                await self._score(batch, loop)
+            if taken:
+                await self._score(taken, used, loop)
 
-    def _take(self) -> list[_Request]:
-        """Requests in arrival order while they fit the budget (at least one); cancelled ones are dropped."""
-        batch: list[_Request] = []
+    def _drop_finished(self) -> None:
+        """Remove requests whose future is done before all their responses were sent: cancelled (the client went
+        away: counted to on_abandon) or failed in an earlier micro-batch."""
+        if all(not r.future.done() for r in self._queue):
+            return
+        keep: deque[_Request] = deque()
+        for req in self._queue:
+            if not req.future.done():
+                keep.append(req)
+                continue
+            self._queued_tokens -= req.queued_tokens
+            if req.future.cancelled() and self.on_abandon is not None:
+                self.on_abandon(len(req.todo))
+        self._queue = keep
+
+    def _take(self) -> tuple[list[tuple[_Request, int, int]], int]:
+        """One micro-batch: (request, group, response) while they fit the budget (at least one), and its tokens.
+
+        Passes over the queue in arrival order; in each pass a request takes its next responses, in order, until
+        its share of this micro-batch reaches ``share`` more tokens. So a request takes a whole group (one prompt
+        computed once) when it fits its share, a large request is spread over micro-batches while others wait,
+        and the passes after the first hand what is left of the budget to whoever still has work (a lone large
+        request fills whole micro-batches). The oldest requests always get their share first: none starves."""
+        taken: list[tuple[_Request, int, int]] = []
         seen: set[tuple[int, ...]] = set()
         used = 0
-        while self._queue:
-            req = self._queue[0]
-            cost = sum(self._cost(p) for p in req.parts)
-            if req.future.done():  # the client went away while queued
-                self._queue.popleft()
-                self._queued_tokens -= cost
-                continue
-            keys = [tuple(p.prompt) for p in req.parts]
-            merged_cost = sum(self._cost(p, k in seen) for p, k in zip(req.parts, keys))
-            if batch and used + merged_cost > self.max_batch_tokens:
-                break
-            self._queue.popleft()
-            self._queued_tokens -= cost
-            batch.append(req)
-            seen.update(keys)
-            used += merged_cost
-        return batch
+        shared = self.layout == "shared_prompt"
+        mine: dict[int, int] = {}  # id(request) -> tokens it took in this micro-batch
+        live = list(self._queue)
+        limit = self.share
+        while live and used < self.max_batch_tokens:
+            still = []
+            for req in live:
+                blocked = False
+                while req.todo and mine.get(id(req), 0) < limit:
+                    g, j = req.todo[0]
+                    key = req.keys[g]
+                    cost = len(req.groups[g].responses[j])
+                    if not shared or key not in seen:
+                        cost += len(key)
+                    if taken and used + cost > self.max_batch_tokens:
+                        blocked = True  # the budget only shrinks: this request is done for this micro-batch
+                        break
+                    req.todo.popleft()
+                    # the queue's estimate: a response's tokens, and its prompt's with the group's last response
+                    last_of_group = not req.todo or req.todo[0][0] != g
+                    charged = len(req.groups[g].responses[j]) + (len(key) if not shared or last_of_group else 0)
+                    req.queued_tokens -= charged
+                    self._queued_tokens -= charged
+                    seen.add(key)
+                    used += cost
+                    mine[id(req)] = mine.get(id(req), 0) + cost
+                    taken.append((req, g, j))
+                if req.todo and not blocked:
+                    still.append(req)
+            live = still
+            limit += self.share
+        if any(not r.todo for r in self._queue):
+            self._queue = deque(r for r in self._queue if r.todo)
+        return taken, used
 
-    def _merge(self, batch: list[_Request]) -> tuple[list[Group], list[list[tuple[int, int, int]]]]:
-        """Groups with equal prompts merged (while a merged group fits the budget); for each request and part,
-        (merged group, first response, count)."""
-        merged: list[Group] = []
-        open_group: dict[tuple[int, ...], int] = {}
-        where: list[list[tuple[int, int, int]]] = []
-        for req in batch:
-            spots = []
-            for part in req.parts:
-                key = tuple(part.prompt)
-                m = open_group.get(key)
-                if m is not None and self._cost(Group(part.prompt, merged[m].responses + part.responses)) > (
-                    self.max_batch_tokens
-                ):
-                    m = None
-                if m is None:
-                    m = open_group[key] = len(merged)
-                    merged.append(Group(part.prompt, []))
-                spots.append((m, len(merged[m].responses), len(part.responses)))
-                merged[m].responses.extend(part.responses)
-            where.append(spots)
-        return merged, where
-
-    async def _score(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+    async def _score(self, taken: list[tuple[_Request, int, int]], used: int, loop: asyncio.AbstractEventLoop) -> None:
         t0 = loop.time()
-        merged, where = self._merge(batch)
-        prompts = [g.prompt for g in merged]
-        responses = [g.responses for g in merged]
-        start = time.perf_counter()
+        merged: list[tuple[list[int], list[list[int]]]] = []
+        slot: dict[tuple[int, ...], int] = {}
+        where: list[tuple[int, int]] = []  # for each taken response: (merged group, position)
+        for req, g, j in taken:
+            m = slot.get(req.keys[g])
+            if m is None:
+                m = slot[req.keys[g]] = len(merged)
+                merged.append((req.groups[g].prompt, []))
+            where.append((m, len(merged[m][1])))
+            merged[m][1].append(req.groups[g].responses[j])
+        batch = list(dict.fromkeys(req for req, _, _ in taken))
+        waits = [t0 - req.arrival for req in batch if not req.started]
+        for req in batch:
+            req.started = True
         self._inflight = batch
+        start = time.perf_counter()
         try:
-            rewards = await loop.run_in_executor(self._executor, self.score_fn, prompts, responses)
-        except Exception as e:  # a failed batch fails its requests, never the server
+            rewards = await loop.run_in_executor(
+                self._executor, self.score_fn, [p for p, _ in merged], [rs for _, rs in merged]
+            )
+        except Exception as e:  # a failed micro-batch fails its requests, never the server
             for req in batch:
                 if not req.future.done():
                     req.future.set_exception(e)
@@ -268,19 +332,12 @@ class DynamicBatcher:
         finally:
             self._inflight = []
         seconds = time.perf_counter() - start
-        for req, spots in zip(batch, where):
-            out: list[list[float]] = [[] for _ in range(req.num_groups)]
-            for g, (m, first, n) in zip(req.owner, spots):
-                out[g].extend(rewards[m][first : first + n])
-            if not req.future.done():
-                req.future.set_result(out)
+        for (req, g, j), (m, k) in zip(taken, where):
+            req.rewards[g][j] = rewards[m][k]
+            req.left -= 1
+            if not req.left and not req.future.done():
+                req.future.set_result(req.rewards)
         if self.on_batch is not None:
             self.on_batch(
-                BatchStats(
-                    requests=len(batch),
-                    responses=sum(len(r) for r in responses),
-                    tokens=sum(self._cost(g) for g in merged),
-                    seconds=seconds,
-                    queue_seconds=[t0 - req.arrival for req in batch],
-                )
+                BatchStats(requests=len(batch), responses=len(taken), tokens=used, seconds=seconds, queue_seconds=waits)
             )

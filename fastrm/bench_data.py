@@ -9,19 +9,31 @@ Three record formats; a file's format is that of its first record (a record of a
 * ``best-of-n``: ``{"prompt", "responses": [N str], "best": index}`` or ``{..., "scores": [N numbers]}``; the
   labelled best is the argmax of the given scores, and when several given scores share the maximum, each of them
   counts as a correct pick (the record's ``label_tie`` says so and the report counts them).
+* ``rewardbench`` (RewardBench, allenai/reward-bench): ``{"prompt", "chosen", "rejected", "subset"}`` with string
+  responses; the prompt a string or a message list (its prior preference sets), or ``chosen``/``rejected`` as
+  message lists whose last message is the assistant reply. A pair whose two scores tie counts as wrong and
+  identical texts are kept, as RewardBench scores them. A file without ``subset`` is one subset named after it.
+* ``rewardbench-2``: ``{"prompt", "chosen": [str], "rejected": [str], "num_correct", "subset", "id"}`` (RewardBench
+  2: best-of-4, and the Ties subset with several correct answers and ``id`` ``"ref:N"`` / ``"tied:N"``).
+
+Metrics: :mod:`fastrm.bench_report` (RM-Bench) and :mod:`fastrm.bench_rewardbench` (RewardBench 1 and 2).
 
 Every bad record is a :class:`~fastrm.data.DataError` naming ``file:line`` (JSONL) or ``file[i]`` (JSON) and the field,
 or with ``on_bad_row="skip"`` a counted skip listed in the report.
 
-Prompt rendering (:func:`render_prompt`): with a chat template, the prompt is the user turn rendered with
-``add_generation_prompt=True`` (an HH transcript becomes its user/assistant turns) and the response is the assistant
-continuation; without one it is the plain ``prompt + response`` text of training. Prompt and responses are tokenized
-separately (``add_special_tokens=False``) and the EOS is appended to each response, exactly as in training, so the
-prompt / response split of the tokens is the same in the shared-prompt and the one-at-a-time layouts.
+Prompt rendering, ``--rendering default`` (:func:`render_prompt`): with a chat template, the prompt is the user
+turn rendered with ``add_generation_prompt=True`` (an HH transcript becomes its user/assistant turns) and the response
+is the assistant continuation; without one (the default, as training and ``fastrm eval`` read pair files) it is the
+plain ``prompt + response`` text of training. The texts become ids by the model's scoring rule
+(:mod:`fastrm.formatting`): for a fastrm checkpoint prompt and responses are tokenized separately and the EOS is
+appended to each response, exactly as in training, so the prompt / response split of the tokens is the same in the
+shared-prompt and the one-at-a-time layouts; a checkpoint without a record is scored as stock transformers scores it.
+A benchmark's own rendering (``--rendering rm-bench``) is a separate step: :mod:`fastrm.bench_render`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -29,27 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastrm.data import (
-    ASSISTANT_MARKER,
-    DataError,
-    LoadStats,
-    OnBadRow,
-    PreferencePair,
-    _check_on_bad_row,
-    _iter_file,
-    _parse_prompt_row,
-    _parse_row,
-    _RowError,
-    _text,
-    _type_name,
-    split_hh_transcript,
-)
-from fastrm.tokenization import truncate_group
+from fastrm import chat
+from fastrm.data import ASSISTANT_MARKER, LoadStats, PreferencePair, parse_prompt_row, parse_row, split_hh_transcript
+from fastrm.formatting import ScoringRule, encode_groups, truncate_group
+from fastrm.rows import DataError, OnBadRow, RowError, check_on_bad_row, iter_file, text_field, type_name
 
 RM_BENCH = "rm-bench"
+REWARDBENCH, REWARDBENCH_2 = "rewardbench", "rewardbench-2"
 RM_BENCH_DOMAINS = ("chat", "code", "math", "safety-refuse", "safety-response")  # upstream data/*_filtered.json
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-MAX_LISTED_SKIPS = 50
 
 
 @dataclass
@@ -57,9 +57,9 @@ class BenchRecord:
     """One scoring group: a prompt and its responses, with the label its format needs."""
 
     source: str  # "file:line" or "file[i]"
-    prompt: str  # text (an HH transcript prompt is rendered as its turns under a chat template)
+    prompt: str  # text (an HH transcript prompt is rendered as its turns under a chat template); "" for messages
     responses: list[str] | list[list[int]]  # texts, or token ids when prompt_ids is set (pre-tokenized pair rows)
-    label: dict[str, Any] = field(default_factory=dict)
+    label: dict[str, Any] = field(default_factory=dict)  # format labels; "messages": a message-list prompt
     prompt_ids: list[int] | None = None
 
 
@@ -68,15 +68,26 @@ class BenchFile:
     """A validated benchmark file: its records, and what was read, skipped or cut."""
 
     path: str
-    format: str  # "rm-bench" | "pairs" | "best-of-n"
+    format: str  # "rm-bench" | "pairs" | "best-of-n" | "rewardbench" | "rewardbench-2"
     name: str  # section name: the RM-Bench domain or the file name without suffix
     benchmark: str | None  # "rm-bench" when named by the benchmark, else None
     bytes: int
     rows: int = 0  # records read (blank JSONL lines are not records)
     records: list[BenchRecord] = field(default_factory=list)
     stats: LoadStats = field(default_factory=LoadStats)
-    skipped: list[str] = field(default_factory=list)  # "source: reason", the first MAX_LISTED_SKIPS
     k: int | None = None  # rm-bench: responses per side (styles)
+    render_stats: dict = field(default_factory=dict)  # what a benchmark's own rendering counted (bench_render)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Every skipped record as ``"source: reason"`` (kept once, in ``stats``)."""
+        return self.stats.skipped_examples
+
+    def bad_record(self, source: str, reason: str, on_bad_row: OnBadRow) -> None:
+        """A record that cannot be scored: a DataError naming it, or (skip mode) counted and listed."""
+        if on_bad_row == "error":
+            raise DataError(f"{source}: {reason}")
+        self.stats.record_skip(source, reason)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -158,79 +169,150 @@ def section_name(path: Path, benchmark: str | None) -> str:
 # ------------------------------------------------------------------------------------------------ records
 
 
+ACCEPTED_SHAPES = (
+    'pairs: {"prompt", "chosen", "rejected"} strings, {"chosen", "rejected"} HH-RLHF transcripts, '
+    '{"chosen": [messages], "rejected": [messages]} (optional "prompt": [messages]) or token ids '
+    '{"chosen_input_ids", "rejected_input_ids"} (optional "prompt_input_ids")',
+    'RewardBench: {"prompt", "chosen", "rejected", "subset"} (prompt a string or a message list)',
+    'RewardBench 2: {"prompt", "chosen": [str], "rejected": [str], "num_correct", "subset"}',
+    'RM-Bench: {"prompt", "chosen": [K str], "rejected": [K str]}',
+    'best-of-N: {"prompt", "responses": [str], "best": index} or {..., "scores": [numbers]}',
+)
+
+
 def detect_format(row: Any) -> str:
-    """The format of one record, or a ``_RowError`` saying what was expected."""
+    """The format of one record, or a ``RowError`` listing every accepted shape."""
     if not isinstance(row, dict):
-        raise _RowError(None, f"expected a JSON object, got {_type_name(row)}")
+        raise RowError(None, f"expected a JSON object, got {type_name(row)}")
     if "responses" in row:
         return "best-of-n"
     chosen = row.get("chosen")
-    if isinstance(chosen, list) and not (chosen and isinstance(chosen[0], dict)):  # a list of chat messages is a pair
-        return RM_BENCH
-    if any(k in row for k in ("chosen", "rejected", "chosen_input_ids", "rejected_input_ids")):
+    if isinstance(chosen, list) and not (chosen and isinstance(chosen[0], dict)):  # not a list of chat messages
+        rb2 = any(k in row for k in ("num_correct", "num_rejected", "total_completions"))
+        return REWARDBENCH_2 if rb2 else RM_BENCH
+    ids = any(k in row for k in ("chosen_input_ids", "rejected_input_ids"))
+    message_prompt = isinstance(row.get("prompt"), list) and not isinstance(chosen, list)
+    if not ids and "chosen" in row and ("subset" in row or message_prompt):
+        return REWARDBENCH
+    if ids or any(k in row for k in ("chosen", "rejected")):
         return "pairs"
-    keys = ", ".join(sorted(map(str, row))[:8]) or "none"
-    raise _RowError(
-        None,
-        f"unknown format (keys: {keys}); expected 'chosen'/'rejected' strings (pairs) or lists (RM-Bench), "
-        "or 'responses' with 'best' or 'scores' (best-of-N)",
-    )
+    keys = sorted(map(str, row))
+    shown = ", ".join(keys[:30]) + (f", ... ({len(keys) - 30} more)" if len(keys) > 30 else "") or "none"
+    raise RowError(None, f"unknown format (keys: {shown}); accepted record shapes: " + "; ".join(ACCEPTED_SHAPES))
 
 
 def _string_list(row: dict, key: str) -> list[str]:
     if key not in row:
-        raise _RowError(key, "missing")
+        raise RowError(key, "missing")
     value = row[key]
     if not isinstance(value, list) or not value:
-        got = "an empty list" if isinstance(value, list) else _type_name(value)
-        raise _RowError(key, f"expected a non-empty list of strings (at least one response), got {got}")
+        got = "an empty list" if isinstance(value, list) else type_name(value)
+        raise RowError(key, f"expected a non-empty list of strings (at least one response), got {got}")
     for i, r in enumerate(value):
         if not isinstance(r, str) or not r:
-            raise _RowError(f"{key}[{i}]", f"expected a non-empty string, got {_got(r)}")
+            raise RowError(f"{key}[{i}]", f"expected a non-empty string, got {_got(r)}")
     return value
 
 
 def _got(value: Any) -> str:
-    return "an empty string" if value == "" else _type_name(value)
+    return "an empty string" if value == "" else type_name(value)
 
 
 def _parse_rm_bench(row: dict, k: int | None) -> BenchRecord:
-    prompt = _text(row, "prompt", allow_empty=True)
+    prompt = text_field(row, "prompt", allow_empty=True)
     chosen, rejected = _string_list(row, "chosen"), _string_list(row, "rejected")
     if len(chosen) != len(rejected):
-        raise _RowError("rejected", f"mismatched lengths: {len(chosen)} chosen but {len(rejected)} rejected responses")
+        raise RowError("rejected", f"mismatched lengths: {len(chosen)} chosen but {len(rejected)} rejected responses")
     if k is not None and len(chosen) != k:
-        raise _RowError("chosen", f"expected {k} responses per side like the file's first record, got {len(chosen)}")
-    subset = row.get("subset")
+        raise RowError("chosen", f"expected {k} responses per side like the file's first record, got {len(chosen)}")
+    subset, domain = row.get("subset"), row.get("domain")  # RM-Bench's total_dataset.json names each record's domain
     label = {"k": len(chosen), "id": row.get("id"), "subset": subset if isinstance(subset, str) else None}
+    label["domain"] = domain if isinstance(domain, str) and domain else None
     return BenchRecord("", prompt, chosen + rejected, label)
 
 
 def _parse_best_of_n(row: dict) -> BenchRecord:
-    prompt, responses = _parse_prompt_row(row)
+    prompt, responses = parse_prompt_row(row)
     n = len(responses)
     best, scores = row.get("best"), row.get("scores")
     if best is None and scores is None:
-        raise _RowError("best", "missing: give 'best' (index of the best response) or 'scores' (one per response)")
+        raise RowError("best", "missing: give 'best' (index of the best response) or 'scores' (one per response)")
     label_tie = False
     if scores is not None:
         if not isinstance(scores, list):
-            raise _RowError("scores", f"expected a list of numbers, got {_type_name(scores)}")
+            raise RowError("scores", f"expected a list of numbers, got {type_name(scores)}")
         if len(scores) != n:
-            raise _RowError("scores", f"mismatched lengths: {len(scores)} scores for {n} responses")
+            raise RowError("scores", f"mismatched lengths: {len(scores)} scores for {n} responses")
         for i, s in enumerate(scores):
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise _RowError(f"scores[{i}]", f"expected a finite number, got {s!r}")
+                raise RowError(f"scores[{i}]", f"expected a finite number, got {s!r}")
         top = max(scores)
         best_set = [i for i, s in enumerate(scores) if s == top]
         label_tie = len(best_set) > 1
     if best is not None:
         if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < n:
-            raise _RowError("best", f"expected an index in [0, {n}), got {best!r}")
+            raise RowError("best", f"expected an index in [0, {n}), got {best!r}")
         if scores is not None and best not in best_set:
-            raise _RowError("best", f"response {best} does not have the highest of the given scores")
+            raise RowError("best", f"response {best} does not have the highest of the given scores")
         best_set = [best]
     return BenchRecord("", prompt, responses, {"best": best_set, "label_tie": label_tie})
+
+
+def _subset(row: dict, default: str) -> str:
+    """The record's ``subset``, or ``default`` (the file's name) when the file has no subset column."""
+    if "subset" not in row or row["subset"] is None:
+        return default
+    value = row["subset"]
+    if not isinstance(value, str) or not value.strip():
+        raise RowError("subset", f"expected a non-empty string (the RewardBench subset), got {_got(value)}")
+    return value
+
+
+def _record_id(row: dict) -> Any:
+    value = row.get("id")
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _parse_rewardbench(row: dict, default_subset: str) -> BenchRecord:
+    """RewardBench: a string (or message-list) prompt and two string replies, or TRL-style message-list replies."""
+    messages = None
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
+        full_c, full_r = chat.conversations(row)  # validates the messages; prompt (if any) prepended
+        k = chat.split_at_last_assistant(full_c, full_r)
+        for key, conv in (("chosen", full_c), ("rejected", full_r)):
+            if len(conv) != k + 1:
+                raise RowError(key, "messages after the last assistant turn: the reply to score must be the last one")
+        chosen, rejected = text_field(full_c[k], "content"), text_field(full_r[k], "content")
+        messages, prompt = full_c[:k], ""
+    elif isinstance(row.get("prompt"), list):
+        messages, prompt = chat.check_messages(row["prompt"], "prompt"), ""
+        chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
+    else:
+        prompt = text_field(row, "prompt", allow_empty=True)
+        chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
+    if messages is not None and not messages:
+        raise RowError("prompt", "no prompt messages before the assistant reply")
+    label = {"subset": _subset(row, default_subset), "id": _record_id(row), "messages": messages}
+    return BenchRecord("", prompt, [chosen, rejected], label)
+
+
+def _parse_rewardbench_2(row: dict, default_subset: str) -> BenchRecord:
+    """RewardBench 2: the correct answers first (``chosen``), then the rejected ones; ``num_correct`` of them."""
+    if isinstance(row.get("prompt"), list):
+        messages, prompt = chat.check_messages(row["prompt"], "prompt"), ""
+    else:
+        messages, prompt = None, text_field(row, "prompt", allow_empty=True)
+    chosen, rejected = _string_list(row, "chosen"), _string_list(row, "rejected")
+    n = len(chosen) + len(rejected)
+    num_correct = row.get("num_correct", len(chosen))
+    if isinstance(num_correct, bool) or not isinstance(num_correct, int) or not 1 <= num_correct < n:
+        raise RowError("num_correct", f"expected an integer in [1, {n}) (the first num_correct answers are correct)")
+    subset = _subset(row, default_subset)
+    rid = _record_id(row)
+    if subset.lower() == "ties" and not (isinstance(rid, str) and re.fullmatch(r"(ref|tied):\d+", rid)):
+        raise RowError("id", f"the Ties subset needs an id 'ref:N' or 'tied:N' (its scoring pairs them), got {rid!r}")
+    label = {"subset": subset, "id": rid, "num_correct": num_correct, "messages": messages}
+    return BenchRecord("", prompt, chosen + rejected, label)
 
 
 def hh_messages(prompt: str) -> list[dict[str, str]] | None:
@@ -245,7 +327,7 @@ def hh_messages(prompt: str) -> list[dict[str, str]] | None:
 
 
 def _parse_pair(row: dict, stats: LoadStats) -> BenchRecord | None:
-    item = _parse_row(row, stats)  # the training parser: same formats, same errors, ties counted
+    item = parse_row(row, stats)  # the training parser: same formats, same errors, ties counted
     if item is None:
         return None
     if not isinstance(item, PreferencePair):  # token ids: scored verbatim (no template, no EOS), as load_tokenized
@@ -261,7 +343,7 @@ def read_bench_file(
     path: str | os.PathLike, *, benchmark: str | None = None, on_bad_row: OnBadRow = "error", limit: int | None = None
 ) -> BenchFile:
     """Read and validate one benchmark file (at most ``limit`` records, for quick runs)."""
-    _check_on_bad_row(on_bad_row)
+    check_on_bad_row(on_bad_row)
     path = Path(path)
     if not path.name.lower().endswith(DATA_SUFFIXES):
         raise DataError(f"{path}: unknown file type (expected .jsonl, .jsonl.gz, .json or .json.gz)")
@@ -269,31 +351,31 @@ def read_bench_file(
         raise DataError(f"{path}: no such file")
     # A file named as RM-Bench must hold RM-Bench records; any other file takes the format of its first record.
     bf = BenchFile(str(path), benchmark or "", section_name(path, benchmark), benchmark, path.stat().st_size)
-    for src, row in _iter_file(path):
+    for src, row in iter_file(path):
         if limit is not None and bf.rows >= limit:
             break
         bf.rows += 1
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
             fmt = detect_format(row)
             if not bf.format:
                 bf.format = fmt
             elif fmt != bf.format:
-                raise _RowError(None, f"this record is {fmt}, the file is {bf.format} (the format of its first record)")
+                raise RowError(None, f"this record is {fmt}, the file is {bf.format} (the format of its first record)")
             if fmt == RM_BENCH:
                 rec = _parse_rm_bench(row, bf.k)
                 bf.k = rec.label["k"]
             elif fmt == "best-of-n":
                 rec = _parse_best_of_n(row)
+            elif fmt == REWARDBENCH:
+                rec = _parse_rewardbench(row, bf.name)
+            elif fmt == REWARDBENCH_2:
+                rec = _parse_rewardbench_2(row, bf.name)
             else:
                 rec = _parse_pair(row, bf.stats)
-        except _RowError as e:
-            if on_bad_row == "error":
-                raise DataError(e.message(src)) from None
-            bf.stats._record_skip(src, e.detail())
-            if len(bf.skipped) < MAX_LISTED_SKIPS:
-                bf.skipped.append(e.message(src))
+        except RowError as e:
+            bf.bad_record(src, e.detail(), on_bad_row)
             continue
         if rec is not None:
             rec.source = src
@@ -309,11 +391,12 @@ def read_bench_file(
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> tuple[str | None, str]:
-    """(template text or None, what the report says). ``chat_template``: "auto" (the tokenizer's, if it has one),
-    "none" (plain prompt + response), or a path to a Jinja template file."""
-    choice = "auto" if chat_template is None else chat_template
+    """(template text or None, what the report says). ``chat_template``: "none" (plain prompt + response, as
+    training and ``fastrm eval`` tokenize pair files: the default), "auto" (the tokenizer's, if it has one), or a
+    path to a Jinja template file."""
+    choice = "none" if chat_template is None else chat_template
     if choice == "none":
-        return None, "plain prompt + response text (--chat-template none)"
+        return None, "plain prompt + response text, as in training and fastrm eval (--chat-template none)"
     if choice == "auto":
         own = getattr(tokenizer, "chat_template", None)
         if own:
@@ -325,12 +408,21 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> tuple[st
     return p.read_text(encoding="utf-8"), f"chat template (file {p})"
 
 
-def render_prompt(tokenizer: Any, template: str | None, prompt: str) -> str:
+def render_prompt(tokenizer: Any, template: str | None, prompt: str | list[dict]) -> str:
     """The text that precedes a response: the prompt itself without a template; with one, the user turn (an HH
-    transcript's user/assistant turns) rendered with the generation prompt, as a chat model sees it."""
-    if template is None:
+    transcript's user/assistant turns, a message-list prompt's messages) rendered with the generation prompt, as a
+    chat model sees it. A message-list prompt needs a template (as conversational rows do in training)."""
+    if isinstance(prompt, list):
+        if template is None:
+            raise DataError(
+                "message-list prompts are rendered with a chat template, and none is in use: give the tokenizer one "
+                "(--chat-template FILE) or use --rendering rewardbench (FastChat's tulu template without one)"
+            )
+        messages = prompt
+    elif template is None:
         return prompt
-    messages = hh_messages(prompt) or [{"role": "user", "content": prompt}]
+    else:
+        messages = hh_messages(prompt) or [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
@@ -344,7 +436,8 @@ def _texts(tokenizer: Any, template: str | None, rec: BenchRecord) -> tuple[str,
             p, r = split_hh_transcript(text)  # type: ignore[arg-type]
             out.append(render_prompt(tokenizer, template, p) + r)
         return "", out
-    return render_prompt(tokenizer, template, rec.prompt), list(rec.responses)  # type: ignore[arg-type]
+    prompt = rec.label.get("messages") or rec.prompt
+    return render_prompt(tokenizer, template, prompt), list(rec.responses)  # type: ignore[arg-type]
 
 
 def tokenize_bench_file(
@@ -352,23 +445,38 @@ def tokenize_bench_file(
     tokenizer: Any,
     template: str | None,
     *,
-    max_length: int = 2048,
-    append_eos: bool = True,
+    rule: ScoringRule | None = None,
+    max_length: int | None = None,
+    append_eos: bool | None = None,
     on_bad_row: OnBadRow = "error",
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Token ids of every record of ``bf`` (records that cannot be scored are removed from ``bf.records``).
+    """Token ids of every record of ``bf`` (records that cannot be scored are removed from ``bf.records``), by the
+    model's scoring ``rule`` (:mod:`fastrm.formatting`; default training's, ``max_length`` / ``append_eos`` replace
+    its values), so a pair file scores as ``fastrm eval`` scores it.
 
     Returns prompt_ids [G][P_g] and response_ids [G][N_g][R_gn], one group per remaining record. Counts truncated
     groups in ``bf.stats`` (``prompt_truncated``: the prompt lost tokens from its left; ``response_truncated``: a
     response alone exceeded ``max_length`` and kept its last tokens) and, for pairs, ties after truncation.
     """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    rule = rule if rule is not None else ScoringRule()
+    changes = {k: v for k, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None}
+    rule = dataclasses.replace(rule, **changes)
+    max_length = rule.max_length
     texts = [_texts(tokenizer, template, r) if r.prompt_ids is None else None for r in bf.records]
     todo = [t for t in texts if t is not None]
-    p_ids = _ids(tokenizer, [t[0] for t in todo])
-    r_ids = _ids(tokenizer, [r for t in todo for r in t[1]])
-    eos = getattr(tokenizer, "eos_token_id", None) if append_eos else None
+    if rule.rule == "hf":  # stock transformers' rule: each prompt + response one text, cut after its pooled token
+        p_ids, r_ids = [], []
+        for t in todo:
+            try:  # not truncated yet: the group's cut is counted below, by the same truncate_group
+                (enc,) = encode_groups(dataclasses.replace(rule, max_length=1 << 62), tokenizer, [t[0]], [t[1]])
+            except ValueError:
+                enc = None
+            p_ids.append(enc.prompt if enc else [])
+            r_ids.extend(enc.responses if enc else [[] for _ in t[1]])
+    else:
+        p_ids = _ids(tokenizer, [t[0] for t in todo])
+        r_ids = _ids(tokenizer, [r for t in todo for r in t[1]])
+    eos = getattr(tokenizer, "eos_token_id", None) if rule.append_eos and rule.rule == "fastrm" else None
     prompts, responses, kept = [], [], []
     pi = ri = 0
     for rec, t in zip(bf.records, texts):
@@ -380,11 +488,7 @@ def tokenize_bench_file(
         empty = next((j for j, r in enumerate(rs) if not r), None)
         if empty is not None:
             reason = f"response {empty} tokenizes to zero tokens (and the tokenizer has no EOS to append)"
-            msg = f"{rec.source}: {reason}"
-            if on_bad_row == "error":
-                raise DataError(msg)
-            bf.stats._record_skip(rec.source, reason)
-            bf.skipped.append(msg)
+            bf.bad_record(rec.source, reason, on_bad_row)
             continue
         new_p, new_rs = truncate_group(p, rs, max_length)
         bf.stats.response_truncated += max(len(r) for r in rs) > max_length

@@ -41,12 +41,9 @@ def join_ray_scores(
         line = int(rec.source.rsplit(":", 1)[1])
         row = got.get(line)
         if row is None or len(row["scores"]) != len(rec.responses):
-            reason = failed.get(line, {}).get("reason", "missing from the Ray job's output")
-            msg = f"{rec.source}: {reason}"
-            if on_bad_row == "error":
-                raise DataError(msg)
-            bf.stats._record_skip(rec.source, reason)
-            bf.skipped.append(msg)
+            bf.bad_record(
+                rec.source, failed.get(line, {}).get("reason", "missing from the Ray job's output"), on_bad_row
+            )
             continue
         kept.append(rec)
         scores.append([float(x) for x in row["scores"]])
@@ -59,8 +56,10 @@ def evaluate_best_of_n_on_ray(
     inputs: Sequence[str],
     *,
     tokenizer: str | None = None,
-    chat_template: str = "auto",
-    max_length: int = 2048,
+    chat_template: str = "none",
+    scoring_rule: str = "auto",
+    max_length: int | None = None,
+    append_eos: bool | None = None,
     max_tokens_per_batch: int = 16384,
     prefix_sharing: bool = True,
     on_bad_row: OnBadRow = "error",
@@ -106,6 +105,8 @@ def evaluate_best_of_n_on_ray(
             num_actors=num_actors,
             use_gpu=use_gpu,
             max_length=max_length,
+            append_eos=append_eos,
+            scoring_rule=scoring_rule,
             max_tokens_per_batch=max_tokens_per_batch,
             prefix_sharing=prefix_sharing,
         )
@@ -116,6 +117,7 @@ def evaluate_best_of_n_on_ray(
         "model": {"spec": model, "model_type": None, "parameters": None, "dtype": None},
         "tokenizer": tokenizer or model,
         "prompt_format": prompt_format,
+        "scoring_rule": _rule_report(model, scoring_rule),
         "settings": {
             "max_length": max_length,
             "max_tokens_per_batch": max_tokens_per_batch,
@@ -135,3 +137,16 @@ def evaluate_best_of_n_on_ray(
     report = build_report(files, scores, meta)
     write_outputs(report, files, scores, output_dir)
     return report
+
+
+def _rule_report(model: str, choice: str) -> dict[str, Any]:
+    """What the actors score by (each resolves it from the checkpoint: :func:`fastrm.formatting.resolve_rule`)."""
+    from fastrm.formatting import read_rule
+    from fastrm.ray_cluster import is_uri
+
+    saved = read_rule(model) if not is_uri(model) and os.path.isdir(model) else None
+    if choice == "auto" and saved is not None:
+        return {"rule": saved.rule, "description": saved.describe(), **saved.to_dict()}
+    if choice == "auto":
+        return {"rule": "hf", "description": "hf (stock transformers' rule: the checkpoint has no fastrm_scoring.json)"}
+    return {"rule": choice, "description": f"{choice} (--scoring-rule {choice})"}

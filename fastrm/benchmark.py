@@ -1,12 +1,15 @@
-"""``fastrm bench``: reward-model benchmarks (RM-Bench, pair files, best-of-N files) scored with shared prompts.
+"""``fastrm bench``: reward-model benchmarks (RM-Bench, RewardBench 1 and 2, pair and best-of-N files) scored with
+shared prompts.
 
     fastrm bench --model runs/rm rm-bench
     fastrm bench --model runs/rm rm-bench:chat,code pairs.jsonl bon_folder/ --output-dir runs/rm-bench
+    fastrm bench --model runs/rm rm-bench --rendering rm-bench    # RM-Bench's own rendering: its leaderboard's numbers
 
 Each record is one scoring group (an RM-Bench prompt with its 3 chosen and 3 rejected responses, a pair, or a
 prompt with N candidates): the prompt is computed once and every response attends to it and to itself only, so
 each score equals the score of that (prompt, response) alone (tested), with the prompt's compute paid once.
-Inputs and formats: :mod:`fastrm.bench_data`; metrics, plot and table: :mod:`fastrm.bench_report`.
+Inputs and formats: :mod:`fastrm.bench_data`; a benchmark's own rendering: :mod:`fastrm.bench_render`; metrics,
+plot and table: :mod:`fastrm.bench_report` and :mod:`fastrm.bench_rewardbench`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from fastrm.bench_data import (
     resolve_chat_template,
     tokenize_bench_file,
 )
+from fastrm.bench_render import CONV_TEMPLATES, DEFAULT_CONV_TEMPLATE, RENDERINGS
 from fastrm.bench_report import build_report, format_table, write_outputs
 from fastrm.data import OnBadRow
+from fastrm.formatting import add_rule_flags, resolve_rule
 
 
 def evaluate_benchmark(
@@ -33,8 +38,12 @@ def evaluate_benchmark(
     benchmark_or_files: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     tokenizer: Any = None,
-    chat_template: str = "auto",
-    max_length: int = 2048,
+    chat_template: str | None = None,
+    scoring_rule: str = "auto",
+    max_length: int | None = None,
+    append_eos: bool | None = None,
+    rendering: str = "default",
+    conv_template: str = DEFAULT_CONV_TEMPLATE,
     max_tokens_per_batch: int = 16384,
     prefix_sharing: bool = True,
     on_bad_row: OnBadRow = "error",
@@ -55,8 +64,18 @@ def evaluate_benchmark(
         benchmark_or_files: ``"rm-bench"`` (RM-Bench's domain files; ``"rm-bench:chat,code"`` for some), data files
             and folders (see :mod:`fastrm.bench_data` for the formats), or a list of those.
         tokenizer: default: the model's (a checkpoint's own tokenizer).
-        chat_template: "auto" (the tokenizer's template when it has one), "none", or a Jinja template file.
-        max_length: tokens of one prompt + response; prompts are cut from the left (counted in the report).
+        chat_template: "none" (plain prompt + response, as ``fastrm eval``: bench = eval on pair files), "auto" (the
+            tokenizer's template when it has one), or a Jinja template file; the report's ``prompt_format`` says.
+            Unset: "none" under the default rendering, "auto" under a reference rendering (as the reference script).
+        scoring_rule: "auto" (the checkpoint's ``fastrm_scoring.json``; stock transformers' rule without one),
+            "fastrm" or "hf" (:mod:`fastrm.formatting`); the report's ``scoring_rule`` says which was used.
+        max_length: tokens of one prompt + response (default: the rule's; 2048 under a reference rendering);
+            prompts are cut from the left (counted).
+        append_eos: append the EOS to each response (default: the rule's).
+        rendering: "default" (fastrm's formatting, as training and ``fastrm eval``) or "rm-bench" / "rewardbench"
+            (the benchmarks' reference rendering, :mod:`fastrm.bench_render`; the leaderboards' numbers).
+        conv_template: the FastChat conversation template of the reference rendering when no chat template is used
+            (default "tulu", the reference's).
         max_tokens_per_batch: token budget of one packed forward pass.
         prefix_sharing: score a record's responses as one shared-prompt group (False: one sequence per response,
             to compare; the scores are the same).
@@ -67,16 +86,37 @@ def evaluate_benchmark(
         progress: show a progress bar (responses).
 
     Returns:
-        The report: model, prompt format, settings, files (bytes, records, skipped, truncated), one section per
-        file, ``rm_bench`` (domains, ``domain_mean``, ``pooled``) when RM-Bench files were scored, timing.
+        The report: model, rendering, settings, files (bytes, records, skipped, truncated), one section per file,
+        ``rm_bench`` (``files``, RM-Bench's ``domains`` with one Safety domain, ``overall``, ``pooled``),
+        ``rewardbench`` (subsets, sections, prior sets, overall), ``rewardbench_2``, ``comparable_with``, timing.
     """
+    if rendering not in RENDERINGS:
+        raise ValueError(f"unknown rendering {rendering!r}; known: {', '.join(RENDERINGS)}")
     t0 = time.perf_counter()
     tokenizer_spec = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
     model, tokenizer, spec = _resolve_model(model, tokenizer)
     names = [benchmark_or_files] if isinstance(benchmark_or_files, (str, os.PathLike)) else list(benchmark_or_files)
     files = read_inputs([str(n) for n in names], rm_bench_dir=rm_bench_dir, on_bad_row=on_bad_row, limit=limit)
-    template, prompt_format = resolve_chat_template(tokenizer, chat_template)
-    groups = [tokenize_bench_file(f, tokenizer, template, max_length=max_length, on_bad_row=on_bad_row) for f in files]
+    rule = resolve_rule(model, tokenizer, scoring_rule, max_length=max_length, append_eos=append_eos)
+    if rendering == "default":
+        template, prompt_format = resolve_chat_template(tokenizer, chat_template or "none")
+        groups = [tokenize_bench_file(f, tokenizer, template, rule=rule, on_bad_row=on_bad_row) for f in files]
+        rendering_info: dict[str, Any] = {"name": "default", "description": prompt_format}
+        used_max_length = rule.max_length
+    else:  # a benchmark's own convention: a separate, named step (fastrm.bench_render)
+        from fastrm.bench_render import model_pad_token_id, render_reference_file, resolve_reference
+
+        used_max_length = max_length or 2048
+        ref = resolve_reference(
+            rendering,
+            tokenizer,
+            chat_template=chat_template or "auto",
+            conv_template=conv_template,
+            model_pad_token_id=model_pad_token_id(model),
+            max_length=used_max_length,
+        )
+        groups = [render_reference_file(f, tokenizer, ref, on_bad_row=on_bad_row) for f in files]
+        prompt_format, rendering_info = ref.describe(), ref.as_dict()
     t1 = time.perf_counter()
     scores, tokens = score_groups(
         model, groups, max_tokens_per_batch=max_tokens_per_batch, prefix_sharing=prefix_sharing, progress=progress
@@ -87,8 +127,12 @@ def evaluate_benchmark(
         "model": _describe_model(model, spec),
         "tokenizer": tokenizer_spec or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
         "prompt_format": prompt_format,
+        "scoring_rule": {"rule": rule.rule, "description": rule.describe(), **rule.to_dict()}
+        if rendering == "default"
+        else {"rule": "reference", "description": "the reference rendering's own (see rendering)"},
+        "rendering": rendering_info,
         "settings": {
-            "max_length": max_length,
+            "max_length": used_max_length,
             "max_tokens_per_batch": max_tokens_per_batch,
             "prefix_sharing": prefix_sharing,
             "on_bad_row": on_bad_row,
@@ -149,6 +193,7 @@ def score_groups(
     max_tokens_per_batch: int = 16384,
     prefix_sharing: bool = True,
     progress: bool = False,
+    desc: str = "bench",
 ) -> tuple[list[list[list[float]]], dict]:
     """Scores of every file's groups (``groups[f] = (prompt_ids [G][P], response_ids [G][N][R])``), in order:
     scores[f][g] = [N floats]; and token counts {"tokens_computed", "tokens_unshared"}.
@@ -171,7 +216,7 @@ def score_groups(
     costs = [group_cost(len(p), [len(r) for r in rs], layout) for p, rs in flat]
     unshared = sum(group_cost(len(p), [len(r) for r in rs], "separate") for p, rs in flat)
     pieces: list[list[float]] = []
-    bar = tqdm(total=sum(len(rs) for _, rs in flat), desc="bench", unit="resp", disable=not progress)
+    bar = tqdm(total=sum(len(rs) for _, rs in flat), desc=desc, unit="resp", disable=not progress)
     start = 0
     while start < len(flat):
         end, used = start, 0
@@ -228,16 +273,28 @@ def _fit_budget(prompt: list[int], responses: list[list[int]], budget: int, layo
 EPILOG = f"""benchmarks and files (positional, several at once; one report with a section per file):
   rm-bench                 RM-Bench's domain files ({", ".join(RM_BENCH_DOMAINS)}; those present) from
                            --rm-bench-dir (default ../shared/data/rm-bench); rm-bench:chat,code for some domains
-  FILE or FOLDER           .jsonl / .json (.gz): pairs in any format fastrm trains on (accuracy, margins,
-                           histogram), RM-Bench-style records {{"prompt", "chosen": [..], "rejected": [..]}}, or
-                           best-of-N records {{"prompt", "responses": [..], "best": i}} or {{.., "scores": [..]}}
+  FILE or FOLDER           .jsonl / .json (.gz; JSON Lines under a .json name too): pairs in any format fastrm
+                           trains on (accuracy, margins, histogram), RM-Bench records {{"prompt", "chosen": [..],
+                           "rejected": [..]}}, RewardBench records {{"prompt", "chosen", "rejected", "subset"}},
+                           RewardBench 2 records {{"prompt", "chosen": [..], "rejected": [..], "num_correct",
+                           "subset"}}, or best-of-N records {{"prompt", "responses": [..], "best": i}} or
+                           {{.., "scores": [..]}}
+
+rendering (--rendering): default = fastrm's own formatting, the same as training and fastrm eval (bench = eval);
+rm-bench (= rewardbench) = the reference scripts' rendering (RewardBench's scripts/run_rm.py, copied by RM-Bench):
+the tokenizer's chat template over the whole conversation, else a FastChat conversation template
+(--conv-template, default tulu) + EOS; special tokens on, left-truncated; the leaderboards' numbers.
 
 RM-Bench accuracy: per prompt M[i][j] = 1 if score(chosen_i) > score(rejected_j) (a tie counts 0), averaged
 over prompts; hard = upper-right triangle (chosen plainer than rejected), normal = diagonal, easy = lower-left;
-per domain, their mean over domains (RM-Bench's overall) and pooled over all prompts.
+per file, per RM-Bench domain (both safety files are one Safety domain), overall = mean over the domains.
+RewardBench: subset accuracy; sections (Chat, Chat Hard, Safety, Reasoning) weighted by its EXAMPLE_COUNTS;
+Prior Sets = mean of anthropic_helpful, anthropic_hhh, shp, summarize; overall weights 2, 2, 2, 2, 1.
 
 examples:
   fastrm bench --model runs/hh rm-bench
+  fastrm bench --model runs/hh rm-bench --rendering rm-bench     (RM-Bench's own rendering and numbers)
+  fastrm bench --model runs/hh reward-bench/filtered.jsonl --rendering rewardbench
   fastrm bench --model runs/hh --tokenizer ../shared/data/tokenizers/gpt-neox-20b_tokenizer.json \\
       rm-bench:chat ../shared/data/hh-rlhf/helpful-base_test.jsonl.gz --max-length 1024 --output-dir runs/hh-bench
   fastrm bench --model runs/hh --limit 20 rm-bench                 (a quick look: 20 prompts per domain)
@@ -264,15 +321,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json or 'byte' (default: the checkpoint's)")
     p.add_argument("--output-dir", help="report, scores and plots (default: runs/bench/<model name>)")
-    p.add_argument("--chat-template", default="auto", help="auto (the tokenizer's, if any), none, or a Jinja file")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="none (plain prompt + response, as fastrm train/eval: the default rendering's default), auto (the "
+        "tokenizer's template, if any: a reference rendering's default) or a Jinja file",
+    )
     p.add_argument(
         "--no-chat-template",
         dest="chat_template",
         action="store_const",
         const="none",
-        help="plain prompt + response text even if the tokenizer has a template",
+        help="plain prompt + response text (the default)",
     )
-    p.add_argument("--max-length", type=int, default=2048, help="tokens of prompt + response (prompt cut from left)")
+    add_rule_flags(p)
+    p.add_argument(
+        "--rendering",
+        default="default",
+        choices=RENDERINGS,
+        help="default: fastrm's formatting (as training and eval); rm-bench / rewardbench: the reference scripts'",
+    )
+    p.add_argument(
+        "--conv-template",
+        default=DEFAULT_CONV_TEMPLATE,
+        choices=sorted(CONV_TEMPLATES),
+        help="FastChat conversation template of the reference rendering when no chat template is used",
+    )
     p.add_argument("--max-tokens-per-batch", type=int, default=16384, help="token budget of one forward pass")
     p.add_argument("--on-bad-row", default="error", choices=("error", "skip"), help="stop, or count and list")
     p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
@@ -298,12 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.ray:
         from fastrm.bench_ray import evaluate_best_of_n_on_ray
 
+        if a.rendering != "default":
+            raise ValueError(
+                f"--rendering {a.rendering} is not supported with --ray (the Ray job scores the default rendering)"
+            )
+
         report = evaluate_best_of_n_on_ray(
             a.model,
             a.inputs,
             tokenizer=a.tokenizer,
             chat_template=a.chat_template,
+            scoring_rule=a.scoring_rule,
             max_length=a.max_length,
+            append_eos=a.append_eos,
             max_tokens_per_batch=a.max_tokens_per_batch,
             prefix_sharing=not a.no_prefix_sharing,
             on_bad_row=a.on_bad_row,
@@ -318,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             a.inputs,
             tokenizer=a.tokenizer,
             chat_template=a.chat_template,
+            scoring_rule=a.scoring_rule,
+            rendering=a.rendering,
+            conv_template=a.conv_template,
             max_length=a.max_length,
+            append_eos=a.append_eos,
             max_tokens_per_batch=a.max_tokens_per_batch,
             prefix_sharing=not a.no_prefix_sharing,
             on_bad_row=a.on_bad_row,

@@ -19,7 +19,8 @@ with that prompt text (templates that render a turn differently once a reply fol
     prompt     <|user|>Hi\\n<|assistant|>          (template([user: "Hi"], add_generation_prompt=True))
     response                          Hello!\\n
 
-:mod:`fastrm.data` calls :func:`parse_chat_row` for rows whose ``prompt``/``chosen``/``rejected`` are lists.
+:mod:`fastrm.data` calls :func:`parse_chat_row` for rows whose ``prompt``/``chosen``/``rejected`` are lists, and
+the TRL drop-in (:mod:`fastrm.integrations.trl_data`) uses the validation and template helpers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastrm.data import DataError, PreferencePair, _RowError, _type_name
+from fastrm.rows import DataError, RowError, type_name
 
 CHAT_KEYS = ("prompt", "chosen", "rejected")
 
@@ -40,22 +41,22 @@ def is_chat_row(row: dict) -> bool:
 def check_messages(value: Any, key: str, *, allow_empty: bool = False) -> list[dict]:
     """Validate a message list; errors name the message, e.g. ``field 'chosen[1].content': expected a string``."""
     if not isinstance(value, list):
-        got = "a string" if isinstance(value, str) else _type_name(value)
-        raise _RowError(key, f"expected a list of {{'role', 'content'}} messages (a conversational row), got {got}")
+        got = "a string" if isinstance(value, str) else type_name(value)
+        raise RowError(key, f"expected a list of {{'role', 'content'}} messages (a conversational row), got {got}")
     if not value and not allow_empty:
-        raise _RowError(key, "expected a non-empty list of messages, got an empty list")
+        raise RowError(key, "expected a non-empty list of messages, got an empty list")
     for i, m in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise _RowError(where, f"expected a message object with 'role' and 'content', got {_type_name(m)}")
+            raise RowError(where, f"expected a message object with 'role' and 'content', got {type_name(m)}")
         for part in ("role", "content"):
             if part not in m:
-                raise _RowError(f"{where}.{part}", "missing")
+                raise RowError(f"{where}.{part}", "missing")
         if not isinstance(m["role"], str) or not m["role"]:
-            raise _RowError(f"{where}.role", f"expected a non-empty string, got {_type_name(m['role'])}")
+            raise RowError(f"{where}.role", f"expected a non-empty string, got {type_name(m['role'])}")
         if not isinstance(m["content"], str):
             # Multimodal content (a list of parts) renders to text only through a processor, not a tokenizer.
-            raise _RowError(f"{where}.content", f"expected a string, got {_type_name(m['content'])}")
+            raise RowError(f"{where}.content", f"expected a string, got {type_name(m['content'])}")
     return value
 
 
@@ -63,10 +64,10 @@ def conversations(row: dict) -> tuple[list[dict], list[dict]]:
     """The full chosen and rejected conversations of a validated row (``prompt`` prepended when present)."""
     for key in ("chosen", "rejected"):
         if key not in row:
-            raise _RowError(key, "missing")
+            raise RowError(key, "missing")
     if not isinstance(row["chosen"], list):  # `chosen` says which format the row is in; blame the odd field out
         odd = next(k for k in CHAT_KEYS if isinstance(row.get(k), list))
-        raise _RowError(
+        raise RowError(
             odd,
             "a message list in a row whose 'chosen' is not: use one format per row, strings everywhere or message "
             "lists everywhere (rendered with the tokenizer's chat template)",
@@ -81,10 +82,10 @@ def split_at_last_assistant(chosen: list[dict], rejected: list[dict]) -> int:
     for key, conv in (("chosen", chosen), ("rejected", rejected)):
         k = next((i for i in range(len(conv) - 1, -1, -1) if conv[i]["role"] == "assistant"), None)
         if k is None:
-            raise _RowError(key, "no assistant turn: the response to score is the last message with role 'assistant'")
+            raise RowError(key, "no assistant turn: the response to score is the last message with role 'assistant'")
         cuts.append(k)
     if cuts[0] != cuts[1] or chosen[: cuts[0]] != rejected[: cuts[1]]:
-        raise _RowError(
+        raise RowError(
             "rejected",
             "the chosen and rejected conversations differ before their last assistant turn; a preference pair "
             "compares two replies to the same conversation",
@@ -100,13 +101,13 @@ def template_kwargs(row: dict) -> dict:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise _RowError("tools", f"not valid JSON: {e}") from None
+            raise RowError("tools", f"not valid JSON: {e}") from None
     if tools is not None:
         kwargs["tools"] = tools
     extra = row.get("chat_template_kwargs")
     if extra is not None:
         if not isinstance(extra, dict):
-            raise _RowError("chat_template_kwargs", f"expected an object, got {_type_name(extra)}")
+            raise RowError("chat_template_kwargs", f"expected an object, got {type_name(extra)}")
         kwargs.update(extra)
     return kwargs
 
@@ -130,14 +131,15 @@ def render(tokenizer: Any, messages: list[dict], key: str, **kwargs: Any) -> str
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as e:  # jinja2 raises TemplateError and plain Python errors from inside templates
-        raise _RowError(key, f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+        raise RowError(key, f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
     if not isinstance(text, str):
-        raise _RowError(key, f"the chat template returned {_type_name(text)}, expected text")
+        raise RowError(key, f"the chat template returned {type_name(text)}, expected text")
     return text
 
 
-def parse_chat_row(row: dict, margin: float | None, tokenizer: Any) -> PreferencePair:
-    """One conversational row -> a :class:`PreferencePair` split at the last assistant turn (module docstring)."""
+def parse_chat_row(row: dict, tokenizer: Any) -> tuple[str, str, str]:
+    """One conversational row -> (prompt, chosen, rejected) texts, split at the last assistant turn (module
+    docstring); :mod:`fastrm.data` makes the pair."""
     chosen, rejected = conversations(row)
     k = split_at_last_assistant(chosen, rejected)
     require_chat_template(tokenizer)
@@ -147,13 +149,13 @@ def parse_chat_row(row: dict, margin: float | None, tokenizer: Any) -> Preferenc
     for key, conv in (("chosen", chosen), ("rejected", rejected)):
         full = render(tokenizer, conv, key, **kwargs)
         if not full.startswith(prompt):
-            raise _RowError(
+            raise RowError(
                 key,
                 "the chat template renders the conversation with a different beginning than its prompt rendered "
                 f"with add_generation_prompt=True ({prompt[-40:]!r} vs {full[: len(prompt)][-40:]!r}), so there is "
                 "no shared prompt to split at",
             )
         if len(full) == len(prompt):
-            raise _RowError(key, "the last assistant turn renders to no text after the prompt")
+            raise RowError(key, "the last assistant turn renders to no text after the prompt")
         responses.append(full[len(prompt) :])
-    return PreferencePair(prompt, responses[0], responses[1], margin)
+    return prompt, responses[0], responses[1]

@@ -1,4 +1,4 @@
-"""Command line: ``fastrm demo | train | eval | score | bon-eval | serve`` (thin: parse, call the library)."""
+"""Command line: ``fastrm demo | train | eval | score | bon-eval | serve | ...`` (thin: parse, call the library)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 from fastrm.config import (
     INPUT_KEYS,
     SECTIONS,
+    ConfigError,
     RewardConfig,
+    check_eval_source,
     field_types,
     literal_choices,
     parse_optional_bool,
@@ -65,6 +67,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             kw.update(type=_opt_bool, metavar="{true,false,auto}")
         elif (choices := literal_choices(f)) is not None:
             kw.update(choices=choices)
+        elif t == (list[str] | None):  # comma-separated; RewardConfig splits it
+            kw.update(type=_opt(str), metavar="NAME[,NAME...]")
         else:
             base = next(a for a in typing.get_args(t) if a is not type(None)) if typing.get_args(t) else t
             kw.update(type=_opt(base) if type(None) in typing.get_args(t) else base, metavar=f.name.upper())
@@ -98,19 +102,27 @@ def build_train_parser(prog: str = "fastrm train") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[RewardConfig, dict]:
-    """RewardConfig from --config plus flags (flags win); also returns data/eval_data/model/tokenizer."""
+    """RewardConfig from --config plus flags (flags win); also returns data/eval_data/model/tokenizer.
+
+    A bad value names its flag (``--save-steps: expected an integer >= 0 ..., got -5``) or its file and line."""
     names = {f.name for f in dataclasses.fields(RewardConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     extra = {}
-    if args.config:
-        cfg = RewardConfig.from_file(args.config, **overrides)
-        raw = read_config_file(args.config)
-        extra = {k: raw[k] for k in INPUT_KEYS if k in raw}
-    else:
-        cfg = RewardConfig(**overrides)
+    try:
+        if args.config:
+            cfg = RewardConfig.from_file(args.config, **overrides)
+            raw = read_config_file(args.config)
+            extra = {k: raw[k] for k in INPUT_KEYS if k in raw}
+        else:
+            cfg = RewardConfig(**overrides)
+    except ConfigError as e:
+        if e.field in overrides:
+            raise ValueError(f"--{e.field.replace('_', '-')}: {e.detail}") from None
+        raise
     for k in INPUT_KEYS:
         if getattr(args, k, None) is not None:
             extra[k] = getattr(args, k)
+    check_eval_source(cfg, bool(extra.get("eval_data")))
     return cfg, extra
 
 
@@ -129,9 +141,17 @@ def _report_loading(split: str, stats, out_dir: str | Path, name: str) -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from fastrm.loading import load_model, load_tokenizer
+    from fastrm.ray_cluster import resolve_input
     from fastrm.trainer import RewardTrainer, seed_everything
 
-    args = build_train_parser().parse_args(argv)
+    p = build_train_parser()
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the previous run's files from --output-dir first (its checkpoints, model, metrics and reports, "
+        "each named) instead of refusing a folder that holds another training",
+    )
+    args = p.parse_args(argv)
     cfg, extra = config_from_args(args)
     if "data" not in extra:
         raise ValueError("--data is required (or run `fastrm demo` for the built-in example)")
@@ -139,18 +159,25 @@ def cmd_train(argv: list[str]) -> int:
         raise ValueError("--model is required: a preset such as tiny-neox, a config.json, a .gguf or a checkpoint")
     tok = load_tokenizer(extra.get("tokenizer"), extra["model"])
     seed_everything(cfg.seed)
-    model = load_model(extra["model"], tokenizer=tok)
+    model = load_model(extra["model"], tokenizer=tok, objective=cfg.objective)
     trainer = RewardTrainer(
         model,
         cfg,
         _as_list(extra["data"]),
         _as_list(extra["eval_data"]) if extra.get("eval_data") else None,
         tokenizer=tok,
+        run_inputs={k: resolve_input(v, k) for k, v in extra.items()},  # the run folder's record names them
+        overwrite=args.overwrite,
     )
+    trainer.run.claim(trainer)  # refuse another training's folder before anything is written into it
     for split, st in trainer.load_stats.items():
         _report_loading(f"loaded {split} data", st, cfg.output_dir, f"skipped_rows_{split}.jsonl")
     held = f", {len(trainer.eval_pairs)} eval pairs" if trainer.eval_pairs else ""
     print(f"[train] {len(trainer.train_pairs)} training pairs{held}, {trainer.total_steps} steps", file=sys.stderr)
+    if getattr(trainer.model, "lora", None) is not None:
+        from fastrm.lora import describe
+
+        print(f"[lora] {describe(trainer.model)}; base model: {trainer.model.lora.base.folder}", file=sys.stderr)
     result = trainer.train()
     _print_result(result, cfg.output_dir)
     return 0
@@ -164,7 +191,13 @@ def _print_result(result: dict, out_dir: str) -> None:
         f"accuracy {tr.get('accuracy', float('nan')):.3f}"
     )
     ev = result.get("eval")
-    if ev:
+    if ev and "bt_loss" not in ev:  # the seq2seq objective
+        print(
+            f"eval on {ev['num_pairs']} pairs: loss per target token {ev['loss']:.4f}, token accuracy "
+            f"{ev['token_accuracy']:.4f}, exact rewrites {ev['correction_exact_match']:.3f} (correction) "
+            f"{ev['identity_exact_match']:.3f} (identity)"
+        )
+    elif ev:
         print(
             f"eval on {ev['num_pairs']} pairs: accuracy {ev['accuracy']:.4f}, BT log-loss {ev['bt_loss']:.4f}, "
             f"margin mean {ev['margin_mean']:.3f} std {ev['margin_std']:.3f} skew {ev['margin_skewness']:.3f} "
@@ -200,7 +233,21 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--output-dir", default="runs/demo", help="where the model and results go (default: runs/demo)")
     p.add_argument("--loss", default="threshold", choices=tuple(LOSS_NOTES), help="pairwise loss (default: threshold)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the head and the order (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different demo run in --output-dir")
+    p.add_argument(
+        "--objective",
+        default="scalar",
+        choices=("scalar", "seq2seq"),
+        help="scalar (default), or seq2seq: a causal LM learns to rewrite rude responses (docs/seq2seq.md)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="seq2seq: epochs over the pairs (default: 3)")
     a = p.parse_args(argv)
+    if a.objective == "seq2seq":
+        from fastrm.seq2seq_demo import run_demo
+
+        a.output_dir = "runs/demo-seq2seq" if a.output_dir == "runs/demo" else a.output_dir
+        a.epochs = a.epochs or 3
+        return run_demo(a)
     print(DEMO_TASK.format(loss=a.loss, loss_note=LOSS_NOTES[a.loss]), file=sys.stderr)
     tok = byte_tokenizer()
     seed_everything(a.seed)
@@ -221,6 +268,8 @@ def cmd_demo(argv: list[str]) -> int:
         synthetic_pairs(a.pairs, seed=a.seed),
         synthetic_pairs(256, seed=a.seed + 1, flip=0.0),
         tokenizer=tok,
+        run_inputs={"data": f"synthetic_pairs({a.pairs}, seed={a.seed})", "model": "tiny-llama", "tokenizer": "byte"},
+        overwrite=a.overwrite,
     )
     result = trainer.train()
     _print_result(result, a.output_dir)
@@ -233,8 +282,9 @@ def cmd_demo(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from fastrm.evaluation import evaluate_pairs
+    from fastrm.formatting import add_rule_flags, rule_from_args
     from fastrm.loading import load_model, load_tokenizer
-    from fastrm.tokenization import load_tokenized
+    from fastrm.tokenization import load_tokenized, model_vocab_size
 
     p = argparse.ArgumentParser(
         prog="fastrm eval", description="Accuracy and reward-margin statistics of a model on preference-pair files."
@@ -247,7 +297,7 @@ def cmd_eval(argv: list[str]) -> int:
         help="where eval_metrics.json, eval_margins.npy and eval_margin_hist.png go (default: a new folder "
         "MODEL/eval-DATA, so a training run's own eval results are never overwritten)",
     )
-    p.add_argument("--max-length", type=int, default=2048, help="max tokens per sequence (default: 2048)")
+    add_rule_flags(p)
     p.add_argument("--max-tokens-per-batch", type=int, default=16384, help="packed batch budget (default: 16384)")
     p.add_argument(
         "--on-bad-row", default="error", choices=("error", "skip"), help="stop at a bad row, or skip and list it"
@@ -256,7 +306,10 @@ def cmd_eval(argv: list[str]) -> int:
     out = Path(a.output_dir) if a.output_dir else Path(a.model) / f"eval-{_stem(a.data[0])}"
     model = _to_device(load_model(a.model))
     tok = load_tokenizer(a.tokenizer, a.model)
-    pairs, stats = load_tokenized(a.data, tok, max_length=a.max_length, on_bad_row=a.on_bad_row, margins="ignore")
+    vocab = model_vocab_size(model)
+    rule = rule_from_args(a, model, tok)
+    print(f"[eval] scoring rule: {rule.describe()}", file=sys.stderr)
+    pairs, stats = load_tokenized(a.data, tok, rule=rule, on_bad_row=a.on_bad_row, margins="ignore", vocab_size=vocab)
     _report_loading("eval", stats, out, "skipped_rows.jsonl")
     m = evaluate_pairs(
         model,
@@ -287,6 +340,7 @@ def _to_device(model):
 
 def cmd_score(argv: list[str]) -> int:
     from fastrm.data import read_prompt_responses
+    from fastrm.formatting import add_rule_flags, rule_from_args
     from fastrm.loading import load_model, load_tokenizer
     from fastrm.scoring import score_rows
 
@@ -302,23 +356,44 @@ def cmd_score(argv: list[str]) -> int:
     )
     p.add_argument("--tokenizer", help="tokenizer.json file or folder (default: the checkpoint's)")
     p.add_argument("--top-k", type=int, help="also list the indices of the k best responses")
-    p.add_argument("--max-length", type=int, default=2048, help="max tokens per sequence (default: 2048)")
+    add_rule_flags(p)
     p.add_argument("--max-tokens-per-batch", type=int, default=16384, help="packed batch budget (default: 16384)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
+    p.add_argument(
+        "--token-rewards",
+        action="store_true",
+        help="seq2seq reward models: also write token_rewards and tokens (one reward per response token)",
+    )
     a = p.parse_args(argv)
     errors: list = []
     rows = read_prompt_responses(a.input, on_bad_row=a.on_bad_row, errors=errors)
     model = _to_device(load_model(a.model))
     tok = load_tokenizer(a.tokenizer, a.model)
-    out = score_rows(
-        model,
-        rows,
-        tokenizer=tok,
-        top_k=a.top_k,
-        max_length=a.max_length,
-        max_tokens_per_batch=a.max_tokens_per_batch,
-        prefix_sharing=not a.no_prefix_sharing,
-    )
+    if hasattr(model, "predictions"):  # a seq2seq RM: sequence scores from its token rewards
+        from fastrm.seq2seq_rewards import score_rows as seq2seq_rows
+
+        out = seq2seq_rows(
+            model,
+            rows,
+            tok,
+            top_k=a.top_k,
+            token_level=a.token_rewards,
+            max_tokens_per_batch=a.max_tokens_per_batch,
+        )
+    elif a.token_rewards:
+        raise ValueError(f"--token-rewards needs a seq2seq reward model; {a.model} is a scalar one")
+    else:
+        rule = rule_from_args(a, model, tok)
+        print(f"[score] scoring rule: {rule.describe()}", file=sys.stderr)
+        out = score_rows(
+            model,
+            rows,
+            tokenizer=tok,
+            top_k=a.top_k,
+            scoring_rule=rule,
+            max_tokens_per_batch=a.max_tokens_per_batch,
+            prefix_sharing=not a.no_prefix_sharing,
+        )
     with open(a.output, "w") as f:
         for r in out:
             f.write(json.dumps(r) + "\n")
@@ -334,6 +409,7 @@ def cmd_score(argv: list[str]) -> int:
 def cmd_bon_eval(argv: list[str]) -> int:
     from fastrm.data import read_prompt_responses
     from fastrm.evaluation import plot_win_rate, win_rate_curve
+    from fastrm.formatting import RULE_CHOICES
     from fastrm.loading import load_model, load_tokenizer
     from fastrm.scoring import score
 
@@ -349,14 +425,21 @@ def cmd_bon_eval(argv: list[str]) -> int:
     p.add_argument("--ns", default="1,2,4,8,16,32,64,128,256", help="comma-separated N values")
     p.add_argument("--trials", type=int, default=64, help="random subsets per prompt and N (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default: 0)")
+    p.add_argument(
+        "--scoring-rule",
+        choices=RULE_CHOICES,
+        default="auto",
+        help="for both models: auto (each checkpoint's own fastrm_scoring.json, stock transformers' rule without "
+        "one), fastrm or hf (see fastrm score --help)",
+    )
     a = p.parse_args(argv)
     rows = read_prompt_responses(a.input)
     prompts, responses = [r["prompt"] for r in rows], [r["responses"] for r in rows]
     ns = [int(x) for x in a.ns.split(",")]
     model = _to_device(load_model(a.model))
     gold = _to_device(load_model(a.gold_model))
-    s = score(model, prompts, responses, tokenizer=load_tokenizer(None, a.model))
-    g = score(gold, prompts, responses, tokenizer=load_tokenizer(None, a.gold_model))
+    s = score(model, prompts, responses, tokenizer=load_tokenizer(None, a.model), scoring_rule=a.scoring_rule)
+    g = score(gold, prompts, responses, tokenizer=load_tokenizer(None, a.gold_model), scoring_rule=a.scoring_rule)
     curve = win_rate_curve(s, g, ns, trials=a.trials, seed=a.seed)
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,8 +458,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fastrm.cli:cmd_eval", "accuracy and reward-margin statistics of a checkpoint on pair files"),
     "score": ("fastrm.cli:cmd_score", "score {prompt, responses} rows, pick the best of N"),
     "bon-eval": ("fastrm.cli:cmd_bon_eval", "best-of-N win rate against random, judged by a gold reward model"),
-    "serve": ("fastrm.serve:main", "serve a reward model over HTTP (batched; /score, OpenRLHF /get_reward)"),
+    "serve": ("fastrm.serve_app:main", "serve a reward model over HTTP (batched; /score, OpenRLHF /get_reward)"),
     "bench": ("fastrm.benchmark:main", "reward-model benchmarks: RM-Bench, pair and best-of-N files (shared prompts)"),
+    "paradox": ("fastrm.paradox:main", "accuracy against best-of-N outcome for every checkpoint of a run (gold RM)"),
+    "merge-lora": ("fastrm.lora_merge:main", "merge a LoRA adapter folder into its base: a plain HF checkpoint"),
 }
 
 
@@ -419,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = [a for a in argv if a != "--debug"]
     if args and args[0] == "--version":
-        from fastrm import __version__
+        from fastrm.version import __version__
 
         print(f"fastrm {__version__}")
         return 0

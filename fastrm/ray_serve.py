@@ -21,7 +21,8 @@ from typing import Any
 from ray import serve
 
 from fastrm.batching import BatchStats
-from fastrm.serve import RewardService, ServeConfig, ServerMetrics, create_app
+from fastrm.serve import RewardService, ServeConfig, ServerMetrics
+from fastrm.serve_app import create_app
 
 
 class RayServeMetrics(ServerMetrics):
@@ -45,6 +46,7 @@ class RayServeMetrics(ServerMetrics):
         self.ray_batch_tokens = Histogram(
             "fastrm_batch_tokens", description="packed tokens per model call", boundaries=list(self.TOKEN_BUCKETS)
         )
+        self.ray_abandoned = Counter("fastrm_abandoned_responses", description="queued responses dropped: client left")
 
     def observe_request(self, endpoint: str, status: int, seconds: float, responses: int, truncated: int) -> None:
         super().observe_request(endpoint, status, seconds, responses, truncated)
@@ -52,6 +54,11 @@ class RayServeMetrics(ServerMetrics):
         self.ray_latency.observe(seconds, tags={"endpoint": endpoint})
         if responses:
             self.ray_responses.inc(responses)
+
+    def observe_abandoned(self, n: int) -> None:
+        super().observe_abandoned(n)
+        if n:
+            self.ray_abandoned.inc(n)
 
     def observe_batch(self, s: BatchStats) -> None:
         super().observe_batch(s)

@@ -22,6 +22,11 @@ is complete, so a crash mid-upload never becomes "latest". Each checkpoint carri
 step; a restart resumes weights, optimizer, scheduler, RNG, step and that history (the redone steps are logged
 once), and the driver copies the final history from ``model/`` to the run folder. A worker's ``output_dir`` is
 its scratch folder: nothing is left on whichever node rank 0 landed on.
+
+A resubmitted run also resumes when its driver was killed before Ray recorded a checkpoint: the driver takes the
+highest complete checkpoint of this run from the run folder (fastrm/ray_resume.py, by the manifest each upload
+carries) when it is newer than what Ray restores, and a finished run returns its final model without starting
+workers. Rank 0 sets the logged statistics as Prometheus gauges (fastrm/ray_metrics.py).
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ import torch
 
 from fastrm import distributed as dist
 from fastrm import ray_cluster as cluster
-from fastrm.config import NON_TRAINING_FIELDS, RewardConfig
+from fastrm import ray_resume, saved_tokenizer
+from fastrm.config import RewardConfig
 from fastrm.evaluation import json_safe
+from fastrm.ray_metrics import TrainingGauges
+from fastrm.run_dir import training_fields
 from fastrm.trainer import RewardTrainer, check_resumable, seed_everything
 
 FINAL_NAME = "model"
@@ -67,6 +75,8 @@ class RayRewardTrainer(RewardTrainer):
         fail_marker: str | None = None,
         fail_mode: str = "raise",
         fail_node: str | None = None,
+        run_id: str | None = None,
+        run_name: str | None = None,
         **kwargs,
     ):
         user_cb = kwargs.pop("on_step_end", None)
@@ -77,6 +87,9 @@ class RayRewardTrainer(RewardTrainer):
             raise ValueError("fail_at_step needs fail_marker: a file every attempt sees, so the failure happens once")
         self._fail = (fail_at_step, fail_marker, fail_mode, fail_node)
         self._last: dict = {}
+        self.run_id = run_id  # the identity hash of fastrm_run.json, recorded in every checkpoint's manifest
+        # Prometheus / dashboard gauges, set by rank 0 (its train statistics are the all-reduced global ones).
+        self._gauges = TrainingGauges(run_name or "fastrm") if dist.is_main() and ray_initialized() else None
 
     def _on_step_end(self, step: int, metrics: dict) -> None:
         self._maybe_fail(step)
@@ -86,6 +99,8 @@ class RayRewardTrainer(RewardTrainer):
     def _log(self, record: dict) -> None:
         super()._log(record)
         record = _scalars(record)
+        if self._gauges is not None:
+            self._gauges.record(record)
         if record.get("split") == "train":
             self._last = record
             a, step = self.args, record["step"]
@@ -129,6 +144,7 @@ class RayRewardTrainer(RewardTrainer):
         checkpoint = None
         if dist.is_main():
             cluster.copy_reports(_local_fs(), str(self.out), str(local), REPORT_FILES)
+            ray_resume.write_manifest(local, str(self.run_id))  # lets a later driver tell a complete upload
             checkpoint = ray.train.Checkpoint.from_directory(str(local))
         ray.train.report(
             {**self._last, "step": self.step},
@@ -149,6 +165,12 @@ class RayRewardTrainer(RewardTrainer):
         if dist.is_main():
             (self.out / RESULT_FILE).write_text(json.dumps(json_safe(result), indent=2))
         self.save_checkpoint(final=True)
+
+
+def ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _local_fs():
@@ -201,6 +223,8 @@ def build_trainer(config: dict, scratch: str | os.PathLike, *, resume_from: str 
     tok = load_tokenizer(config.get("tokenizer"), config["model"])
     seed_everything(args.seed)
     model = load_model(config["model"], tokenizer=tok)
+    if not args.save_steps:  # finish() always saves; the trainer checks at construction only when save_steps is set
+        saved_tokenizer.check_savable(tok, model.backbone.config)
     data, eval_data = config["data"], config.get("eval_data")
     trainer = RayRewardTrainer(
         model,
@@ -215,6 +239,8 @@ def build_trainer(config: dict, scratch: str | os.PathLike, *, resume_from: str 
         fail_marker=config.get("fail_marker"),
         fail_mode=config.get("fail_mode", "raise"),
         fail_node=config.get("fail_node"),
+        run_id=config.get("run_id"),
+        run_name=config.get("run_name"),
     )
     if dist.is_main():  # counts in the job log; every skipped row in the run folder (skipped_rows_<split>.jsonl)
         for split, stats in trainer.load_stats.items():
@@ -235,6 +261,12 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
+    point = config.get("resume_point")  # the run folder's newest complete checkpoint, found by the driver
+    use_point, line = ray_resume.prefer_run_folder(None if ckpt is None else ckpt.path, point)
+    if use_point:
+        if line and dist.is_main():
+            print(line, flush=True)
+        ckpt = ray.train.Checkpoint(point["uri"])
     if ckpt is None:
         return train_worker(config)
     with ckpt.as_directory() as d:  # the reported folder (downloaded first if storage is remote)
@@ -304,12 +336,11 @@ def _files(x: Any) -> list:
     return [x] if isinstance(x, (str, os.PathLike)) else []
 
 
-def training_fields(args: RewardConfig) -> dict:
-    return {k: v for k, v in args.to_dict().items() if k not in NON_TRAINING_FIELDS}
-
-
-def prepare_run(loop_config: dict, storage_path: str | None, name: str | None, timeout_s: float) -> tuple[str, str]:
-    """Check the cluster and claim the run folder; returns ``(storage, name)``.
+def prepare_run(
+    loop_config: dict, storage_path: str | None, name: str | None, timeout_s: float
+) -> tuple[str, str, str]:
+    """Check the cluster and claim the run folder; returns ``(storage, name, run id)`` (the run id is the hash of
+    what ``fastrm_run.json`` records).
 
     The storage path defaults to the output dir; the name to ``<output dir name>-<hash of what is trained>``."""
     args = RewardConfig(**loop_config["args"])
@@ -317,14 +348,14 @@ def prepare_run(loop_config: dict, storage_path: str | None, name: str | None, t
     storage = cluster.resolve_path(storage_path or args.output_dir, flag)
     identity = cluster.run_identity(training_fields(args), {k: loop_config[k] for k in ("data", "model", "tokenizer")})
     name = name or cluster.default_run_name(args.output_dir, identity)
-    cluster.check_storage(storage, timeout_s)
+    cluster.check_storage(storage, timeout_s, flag)
     inputs = [loop_config[k] for k in ("data", "eval_data", "model", "tokenizer")]
     cluster.check_visible_everywhere(cluster.local_paths(inputs), "--data/--eval-data/--model/--tokenizer", timeout_s)
     fresh = "start fresh under another --name (or leave --name out: the default is derived from the config)"
     cluster.claim_run(
         storage, name, identity, compare_config=lambda saved, where: check_resumable(saved, args, where, fresh)
     )
-    return storage, name
+    return storage, name, cluster.identity_hash(identity)
 
 
 def finalize_run(result) -> list[str]:
@@ -391,9 +422,27 @@ def run_training(
     loop_config = make_loop_config(
         args, data=data, model=model, tokenizer=tokenizer, eval_data=eval_data, use_gpu=use_gpu, fsdp=fsdp, **extra
     )
-    storage, name = prepare_run(loop_config, storage_path, name, node_check_timeout_s)
+    storage, name, run_id = prepare_run(loop_config, storage_path, name, node_check_timeout_s)
+    loop_config.update(run_id=run_id, run_name=name)
+    point = ray_resume.find_resume_point(storage, name, run_id, loop_config.get("final_name", FINAL_NAME))
+    if point is not None and point.final:  # finished, whether or not Ray recorded it: no worker needs to start
+        print(f"fastrm: {point.uri} is this run's final model: the run is complete, nothing to train", flush=True)
+        result = _finished_result(point, storage, name)
+        finalize_run(result)
+        return result
+    if point is not None:  # the workers resume from it when it is newer than what Ray restores
+        loop_config["resume_point"] = {"uri": point.uri, "step": point.step}
+        if not ray_resume.has_ray_snapshot(storage, name):
+            print(
+                f"fastrm: resuming from {point.uri} (step {point.step}): Ray has no record of this run's checkpoints "
+                "(the driver that wrote them was stopped before Ray recorded one)",
+                flush=True,
+            )
     use_gpu = use_gpu or bool((resources_per_worker or {}).get("GPU"))
     loop_config["use_gpu"] = use_gpu
+    network = cluster.worker_network_report(worker_env or {}, "nccl" if use_gpu else "gloo", node_check_timeout_s)
+    if network is not None:
+        print(network, flush=True)
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config=loop_config,
@@ -413,6 +462,35 @@ def run_training(
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a rendezvous that cannot connect says which variables decide the interface
+        hint = cluster.rendezvous_hint(e, worker_env or {})
+        if hint is None:
+            raise
+        raise cluster.ClusterError(hint) from e
     finalize_run(result)
+    if point is not None and result.error is None and result.best_checkpoints is not None:
+        # Leftovers Ray never tracked follow save_total_limit too (never one Ray tracks: its snapshot names them).
+        tracked = [Path(c.path.rstrip("/")).name for c, _ in result.best_checkpoints]
+        ray_resume.prune_untracked(storage, name, run_id, args.save_total_limit, tracked, upto=point.step)
     return result
+
+
+def _finished_result(point: ray_resume.ResumePoint, storage: str, name: str):
+    """The ``ray.train.Result`` of a finished run, read from its final checkpoint (no worker started)."""
+    from ray.train import Checkpoint, Result
+
+    checkpoint = Checkpoint(point.uri)
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{RESULT_FILE}") as f:
+        done = json.loads(f.read().decode())
+    metrics = _scalars(done.get("train", {}))
+    run = f"{storage.rstrip('/')}/{name}"
+    return Result(
+        metrics=metrics,
+        checkpoint=checkpoint,
+        error=None,
+        path=run if cluster.is_uri(run) else str(Path(run)),
+        best_checkpoints=[(checkpoint, metrics)],
+        return_value=done,
+    )

@@ -8,12 +8,13 @@ with ``prefix_sharing=False``. Both give the same scores (tested). Used in-proce
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
 
+from fastrm.formatting import ScoringRule, encode_groups, resolve_rule
 from fastrm.packing import group_cost, pack_prompt_responses, plan_micro_batches
-from fastrm.tokenization import truncate_group
 
 
 def tokenize_groups(
@@ -21,31 +22,17 @@ def tokenize_groups(
     prompts: Sequence[str],
     responses: Sequence[Sequence[str]],
     *,
-    max_length: int = 2048,
-    append_eos: bool = True,
+    rule: ScoringRule | None = None,
+    max_length: int | None = None,
+    append_eos: bool | None = None,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Token ids of prompts and their responses (batched), EOS appended to responses, truncated per group."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} response lists")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-    flat = [r for rs in responses for r in rs]
-    r_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    eos = tokenizer.eos_token_id if append_eos else None
-    out_p, out_r, k = [], [], 0
-    for g, rs in enumerate(responses):
-        group = []
-        for j in range(len(rs)):
-            ids = list(r_ids[k]) + ([eos] if eos is not None else [])
-            k += 1
-            if not ids:
-                raise ValueError(f"prompt {g}, response {j}: empty response (nothing to score)")
-            group.append(ids)
-        if not group:
-            raise ValueError(f"prompt {g}: no responses")
-        p, group = truncate_group(list(p_ids[g]), group, max_length)
-        out_p.append(p)
-        out_r.append(group)
-    return out_p, out_r
+    """Token ids of prompts [G][P] and their responses [G][N][R] under ``rule`` (default: fastrm's training rule,
+    :class:`fastrm.formatting.ScoringRule`), truncated per group; ``max_length`` / ``append_eos`` replace the rule's."""
+    rule = rule if rule is not None else ScoringRule()
+    changes = {k: v for k, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None}
+    rule = dataclasses.replace(rule, **changes) if changes else rule
+    enc = encode_groups(rule, tokenizer, prompts, responses)
+    return [e.prompt for e in enc], [e.responses for e in enc]
 
 
 @torch.no_grad()
@@ -121,25 +108,34 @@ def score(
     responses: Sequence[str] | Sequence[Sequence[str] | str],
     *,
     tokenizer=None,
-    max_length: int = 2048,
+    scoring_rule: str | ScoringRule = "auto",
+    max_length: int | None = None,
     max_tokens_per_batch: int = 16384,
     prefix_sharing: bool = True,
-    append_eos: bool = True,
+    append_eos: bool | None = None,
 ) -> list[float] | list[list[float]]:
     """Rewards of each prompt's responses, with the prompt computed once per group (``prefix_sharing``).
 
     >>> score(model, "Q?", [" yes", " no"])                      # one prompt -> [r1, r2]
     >>> score(model, ["Q1?", "Q2?"], [[" a", " b"], [" c"]])     # one list per prompt -> [[r, r], [r]]
 
-    The text of each sequence is ``prompt + response`` tokenized separately (no special tokens), with the
-    tokenizer's EOS appended to the response (``append_eos``), as in training. Over-long groups lose prompt tokens
-    from the left (see :func:`fastrm.tokenization.truncate_group`).
+    Texts become ids by the model's scoring rule (:mod:`fastrm.formatting`): a fastrm checkpoint's saved rule (as
+    trained: prompt and response tokenized separately, EOS appended), stock transformers' for a checkpoint without
+    one. ``scoring_rule`` ("auto", "fastrm", "hf" or a :class:`~fastrm.formatting.ScoringRule`), ``max_length`` and
+    ``append_eos`` override it (a one-line warning when they disagree with a saved record). Over-long groups lose
+    prompt tokens from the left (see :func:`fastrm.tokenization.truncate_group`).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("scoring texts needs a tokenizer (pass tokenizer=, or load a checkpoint that has one)")
     prompts, responses, single = normalize_texts(prompts, responses)
-    p, r = tokenize_groups(tokenizer, prompts, responses, max_length=max_length, append_eos=append_eos)
+    if isinstance(scoring_rule, ScoringRule):
+        p, r = tokenize_groups(
+            tokenizer, prompts, responses, rule=scoring_rule, max_length=max_length, append_eos=append_eos
+        )
+    else:
+        rule = resolve_rule(model, tokenizer, scoring_rule, max_length=max_length, append_eos=append_eos)
+        p, r = tokenize_groups(tokenizer, prompts, responses, rule=rule)
     out = score_token_groups(model, p, r, max_tokens_per_batch=max_tokens_per_batch, prefix_sharing=prefix_sharing)
     return out[0] if single else out
 

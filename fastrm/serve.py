@@ -1,73 +1,110 @@
-"""``fastrm serve``: a reward-model HTTP server with dynamic batching and shared-prompt scoring.
+"""``fastrm serve``: a reward-model HTTP server with fair dynamic batching and shared-prompt scoring.
 
-One ASGI app (FastAPI), run by uvicorn here and by Ray Serve in :mod:`fastrm.ray_serve`:
+The service behind one ASGI app (FastAPI, :mod:`fastrm.serve_app`, whose ``main`` runs it with uvicorn), also run by
+Ray Serve in :mod:`fastrm.ray_serve`:
 
 * ``POST /score`` ``{"prompts": [str], "responses": [[str]]}`` -> ``{"rewards": [[float]]}``;
 * ``POST /get_reward`` (OpenRLHF's remote reward model) ``{"query": [str], "prompts": [str]?, "labels": ...?}``
   -> ``{"rewards": [float], "scores": [float], "extra_logs": {}}``;
-* ``GET /health`` -> ``{"status": "ok", ...}``; ``GET /metrics``: Prometheus text format.
+* ``POST /classify`` (vLLM's classification API, which verl calls) ``{"input": [str]}`` -> ``{"data": [{"probs":
+  [float]}, ...], ...}``;
+* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``/docs``, ``/redoc``.
 
-Both POST answers add ``"truncated"`` (per-response booleans, the request's shape) when some sequence was longer
-than ``--max-length`` and lost tokens by the training rule. A bad request gets a 4xx ``{"error", "field"}``.
-Concurrent requests are merged into token-budget batches (:mod:`fastrm.batching`); texts are validated and
-tokenized by :mod:`fastrm.serve_requests`.
+The bodies are the pydantic models of :mod:`fastrm.serve_schema`; texts become token groups in
+:mod:`fastrm.serve_requests` (the training rule: same rewards as offline :func:`fastrm.score`); concurrent requests
+are merged into fair token-budget micro-batches by :mod:`fastrm.batching`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import ipaddress
-import json
 import logging
+import math
 import os
 import socket
-import sys
 import time
+import uuid
 from collections import deque
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 try:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
 except ImportError as e:  # an optional extra: say how to get it instead of a bare ModuleNotFoundError
     raise ImportError(f"fastrm serve needs FastAPI and uvicorn: pip install 'fastrm[serve]' ({e})") from e
 
 from fastrm.batching import BatcherClosed, BatchStats, DynamicBatcher
-from fastrm.serve_requests import BadRequest, parse_get_reward, parse_score, prepare_queries, prepare_score
+from fastrm.formatting import ScoringRule, add_rule_flags, resolve_rule
+from fastrm.serve_requests import Limits, Prepared, prepare_classify, prepare_get_reward, prepare_score
+from fastrm.serve_schema import ClassifyRequest, GetRewardRequest, ScoreRequest, parse_body
+
+__all__ = ["BatcherClosed", "RewardService", "ServeConfig", "ServerMetrics"]
 
 logger = logging.getLogger("fastrm.serve")
 
 API_KEY_ENV = "FASTRM_API_KEY"
+REQUEST_TOKENS_PER_BATCH = 16  # default --max-request-tokens: this many micro-batches of --max-batch-tokens
+BODY_BYTES_PER_TOKEN = 32  # default --max-body-bytes per allowed token (JSON escapes, /get_reward's repeated prompt)
+INLINE_BODY_BYTES = 32 * 1024  # bodies up to this are parsed and tokenized in the event loop (about a millisecond)
 
 
 @dataclass
 class ServeConfig:
-    """What a server (or each Ray Serve replica) loads and how it batches; the flags of ``fastrm serve``."""
+    """What a server (or each Ray Serve replica) loads and how it batches; the flags of ``fastrm serve``.
+
+    The per-request limits follow the token budget unless set: ``max_request_tokens`` = 16 micro-batches of
+    ``max_batch_tokens`` (a request holds the model for at most that many, and shares it with other requests
+    meanwhile), ``max_body_bytes`` = 32 bytes per such token."""
 
     model: str
     tokenizer: str | None = None  # default: the model folder's
-    max_length: int = 2048  # longer sequences are truncated as in training (prompt cut from the left)
-    max_batch_tokens: int = 16384  # token budget of one model call
+    max_length: int | None = None  # default: the checkpoint's scoring record (prompt cut from the left)
+    scoring_rule: str = "auto"  # auto | fastrm | hf (fastrm/formatting.py); /health says which
+    append_eos: bool | None = None  # default: the checkpoint's scoring record
+    max_batch_tokens: int = 16384  # token budget of one model call (one micro-batch)
     max_wait_ms: float = 5.0  # how long a batch may wait for requests still being read/tokenized
     max_responses: int = 4096  # per request
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_request_tokens: int | None = None  # per request, after tokenization (default: 16 * max_batch_tokens)
+    max_body_bytes: int | None = None  # per request (default: 32 * max_request_tokens)
+    body_timeout_s: float = 30.0  # a body not received within this is refused (408): slow clients hold no slot
     prefix_sharing: bool = True  # a prompt's responses as one shared-prompt segment (prompt computed once)
-    api_key: str | None = None  # bearer token required on every endpoint but /health
+    api_key: str | None = None  # bearer token required on every endpoint; /health then shows only its status
     device: str = "auto"  # auto: cuda when available
     threads: int | None = None  # torch CPU threads of the process (None: torch's default)
 
     def __post_init__(self) -> None:
-        if self.max_length < 1 or self.max_length > self.max_batch_tokens:
+        if self.max_request_tokens is None:
+            self.max_request_tokens = REQUEST_TOKENS_PER_BATCH * self.max_batch_tokens
+        if self.max_body_bytes is None:
+            self.max_body_bytes = BODY_BYTES_PER_TOKEN * self.max_request_tokens
+        if self.max_length is not None:
+            self.check_length(self.max_length)
+        if self.max_responses < 1 or self.max_body_bytes < 1 or self.max_wait_ms < 0 or self.body_timeout_s <= 0:
             raise ValueError(
-                f"--max-length ({self.max_length}) must be between 1 and --max-batch-tokens ({self.max_batch_tokens}): "
+                "--max-responses and --max-body-bytes must be >= 1, --max-wait-ms >= 0 and --body-timeout-s > 0"
+            )
+
+    def check_length(self, max_length: int) -> None:
+        """Every sequence of ``max_length`` tokens must fit one batch and one request."""
+        if max_length < 1 or max_length > self.max_batch_tokens:
+            raise ValueError(
+                f"--max-length ({max_length}) must be between 1 and --max-batch-tokens ({self.max_batch_tokens}): "
                 "every sequence must fit one batch"
             )
-        if self.max_responses < 1 or self.max_body_bytes < 1 or self.max_wait_ms < 0:
-            raise ValueError("--max-responses and --max-body-bytes must be >= 1, --max-wait-ms >= 0")
+        if self.max_request_tokens < max_length:
+            raise ValueError(
+                f"--max-request-tokens ({self.max_request_tokens}) must be at least --max-length ({max_length}): "
+                "a request of one full-length sequence must be accepted"
+            )
+
+    def limits(self, rule: ScoringRule) -> Limits:
+        """The per-request limits under ``rule`` (its max_length, checked against the token budgets)."""
+        self.check_length(rule.max_length)
+        layout = "shared_prompt" if self.prefix_sharing else "separate"
+        return Limits(rule.max_length, self.max_responses, self.max_request_tokens, layout, rule)
 
 
 class ServerMetrics:
@@ -82,30 +119,51 @@ class ServerMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("fastrm_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.responses = Counter("fastrm_responses", "responses (prompt + response sequences) scored", registry=r)
+        self.requests = Counter(
+            "fastrm_requests",
+            "HTTP requests (status 499: the client left before the answer)",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.responses = Counter("fastrm_responses", "responses (prompt + response sequences) answered", registry=r)
         self.truncated = Counter("fastrm_truncated_responses", "responses that lost tokens to --max-length", registry=r)
+        self.abandoned = Counter(
+            "fastrm_abandoned_responses", "queued responses dropped unscored because their client left", registry=r
+        )
+        self.split = Counter(
+            "fastrm_query_split", "queries by how they were split into prompt + response", ["rule"], registry=r
+        )
         self.latency = Histogram(
             "fastrm_request_latency_seconds", "request latency", ["endpoint"], buckets=self.LATENCY_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "fastrm_queue_wait_seconds", "arrival to batch start", buckets=self.LATENCY_BUCKETS, registry=r
+            "fastrm_queue_wait_seconds", "arrival to first micro-batch", buckets=self.LATENCY_BUCKETS, registry=r
         )
         self.model_seconds = Histogram(
             "fastrm_model_seconds", "seconds per model call", buckets=self.LATENCY_BUCKETS, registry=r
         )
         self.batch_requests = Histogram(
-            "fastrm_batch_requests", "requests merged into one model call", buckets=self.SIZE_BUCKETS, registry=r
+            "fastrm_batch_requests", "requests sharing one model call", buckets=self.SIZE_BUCKETS, registry=r
         )
         self.batch_responses = Histogram(
-            "fastrm_batch_responses", "responses per model call", buckets=self.SIZE_BUCKETS, registry=r
+            "fastrm_batch_responses",
+            "responses per model call (sum: responses scored)",
+            buckets=self.SIZE_BUCKETS,
+            registry=r,
         )
         self.batch_tokens = Histogram(
             "fastrm_batch_tokens", "packed tokens per model call", buckets=self.TOKEN_BUCKETS, registry=r
         )
+        self.queued_requests = Gauge("fastrm_queued_requests", "requests with responses waiting", registry=r)
+        self.queued_tokens = Gauge("fastrm_queued_tokens", "tokens waiting to be scored (estimate)", registry=r)
         self._recent: deque[tuple[float, int]] = deque()  # (time, responses) of recent batches
         rate = Gauge("fastrm_responses_per_second", "responses scored per second over the last 60 s", registry=r)
         rate.set_function(self.responses_per_second)
+
+    def watch(self, batcher: DynamicBatcher) -> None:
+        """Report the batcher's queue in the queue gauges."""
+        self.queued_requests.set_function(lambda: batcher.queued_requests)
+        self.queued_tokens.set_function(lambda: batcher.queued_tokens)
 
     def responses_per_second(self) -> float:
         now = time.monotonic()
@@ -118,6 +176,13 @@ class ServerMetrics:
         self.latency.labels(endpoint).observe(seconds)
         self.responses.inc(responses)
         self.truncated.inc(truncated)
+
+    def observe_abandoned(self, n: int) -> None:
+        self.abandoned.inc(n)
+
+    def observe_split(self, rules: list[str]) -> None:
+        for rule in set(rules):
+            self.split.labels(rule).inc(rules.count(rule))
 
     def observe_batch(self, s: BatchStats) -> None:
         self._recent.append((time.monotonic(), s.responses))
@@ -137,6 +202,9 @@ class ServerMetrics:
 class RewardService:
     """The model, its tokenizer and the batcher behind the HTTP endpoints (no HTTP here).
 
+    Each endpoint method takes the request body (JSON bytes or a parsed dict) and returns the answer as a dict;
+    bad input raises :class:`fastrm.serve_schema.BadRequest`.
+
     >>> service = RewardService.load(ServeConfig(model="runs/demo"))
     >>> await service.score({"prompts": ["Q?"], "responses": [[" yes", " no"]]})   # -> {"rewards": [[r, r]]}
     """
@@ -147,6 +215,10 @@ class RewardService:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
+        self.rule = resolve_rule(
+            model, tokenizer, config.scoring_rule, max_length=config.max_length, append_eos=config.append_eos
+        )
+        self.limits = config.limits(self.rule)
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.started = time.time()
 
@@ -163,9 +235,11 @@ class RewardService:
             score_fn,
             max_batch_tokens=config.max_batch_tokens,
             max_wait_ms=config.max_wait_ms,
-            layout="shared_prompt" if config.prefix_sharing else "separate",
+            layout=self.limits.layout,
             on_batch=self.metrics.observe_batch,
+            on_abandon=self.metrics.observe_abandoned,
         )
+        self.metrics.watch(self.batcher)
         score_fn([[1, 2]], [[[3, 4]]])  # warm-up: the first forward pays one-off initialisation, not a client
 
     @classmethod
@@ -183,131 +257,89 @@ class RewardService:
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), tok, config, metrics)
 
-    async def score(self, body: dict) -> dict:
-        cfg = self.config
-        with self.batcher.arriving():
-            prompts, responses = parse_score(body, cfg.max_responses)
-            groups, flags = await asyncio.to_thread(
-                prepare_score, self.tokenizer, prompts, responses, max_length=cfg.max_length
-            )
-        out: dict[str, Any] = {"rewards": await self.batcher.submit(groups)}
-        if any(map(any, flags)):
-            out["truncated"] = flags
+    async def _rewards(self, body: bytes | dict, model, prepare) -> tuple[Any, Prepared, list[list[float]]]:
+        """Parse, validate and tokenize, then score. A big body is prepared in a thread (it would stall the event
+        loop); a small one at once (a thread hop costs more than its work on a busy CPU)."""
+
+        def parse_and_prepare():
+            req = parse_body(body, model)
+            return req, prepare(self.tokenizer, req, self.limits)
+
+        if isinstance(body, dict) or len(body) <= INLINE_BODY_BYTES:
+            req, prepared = parse_and_prepare()
+        else:
+            with self.batcher.arriving():
+                req, prepared = await asyncio.to_thread(parse_and_prepare)
+        if prepared.split is not None:
+            self.metrics.observe_split(prepared.split)
+        return req, prepared, await self.batcher.submit(prepared.groups)
+
+    async def score(self, body: bytes | dict) -> dict:
+        _, prepared, rewards = await self._rewards(body, ScoreRequest, prepare_score)
+        out: dict[str, Any] = {"rewards": rewards}
+        if any(map(any, prepared.truncated)):
+            out["truncated"] = prepared.truncated
         return out
 
-    async def get_reward(self, body: dict) -> dict:
-        cfg = self.config
-        with self.batcher.arriving():
-            queries, prompts = parse_get_reward(body, cfg.max_responses)
-            groups, flags = await asyncio.to_thread(
-                prepare_queries, self.tokenizer, queries, prompts, max_length=cfg.max_length
-            )
-        rewards = [r for (r,) in await self.batcher.submit(groups)]
+    async def get_reward(self, body: bytes | dict) -> dict:
+        _, prepared, groups = await self._rewards(body, GetRewardRequest, prepare_get_reward)
+        rewards = [r for (r,) in groups]
         # OpenRLHF reads "rewards" (advantages), "scores" (dynamic filtering; it falls back to rewards) and
         # "extra_logs" (logged per sample); its own serve_rm answers all three with the same values.
-        out: dict[str, Any] = {"rewards": rewards, "scores": rewards, "extra_logs": {}}
-        if any(flags):
-            out["truncated"] = flags
+        return self._with_flags({"rewards": rewards, "scores": rewards, "extra_logs": {}}, prepared)
+
+    async def classify(self, body: bytes | dict) -> dict:
+        """vLLM's ``/classify`` answer: one ``probs`` list of one value per input (raw reward with
+        ``use_activation``/``activation`` false, as verl sends it; its sigmoid otherwise, vLLM's default)."""
+        req, prepared, groups = await self._rewards(body, ClassifyRequest, prepare_classify)
+        activation = req.use_activation if req.use_activation is not None else req.activation
+        squash = activation is None or activation
+        data = [
+            {
+                "index": i,
+                "label": "LABEL_0",
+                "probs": [1.0 / (1.0 + math.exp(-r)) if squash else r],
+                "num_classes": 1,
+            }
+            for i, ((r,),) in enumerate(zip(groups))
+        ]
+        out = {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": req.model or str(self.config.model),
+            "data": data,
+            "usage": {
+                "prompt_tokens": prepared.tokens,
+                "total_tokens": prepared.tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
+        return self._with_flags(out, prepared)
+
+    @staticmethod
+    def _with_flags(out: dict, prepared: Prepared) -> dict:
+        if any(prepared.truncated):
+            out["truncated"] = prepared.truncated
+        if prepared.split is not None:
+            out["split"] = prepared.split
         return out
 
-    def health(self) -> dict:
+    def health(self, detailed: bool = True) -> dict:
+        if not detailed:
+            return {"status": "ok"}
         return {
             "status": "ok",
             "model": str(self.config.model),
             "device": str(next(self.model.parameters()).device),
+            "scoring_rule": self.rule.rule,
+            "scoring": self.rule.describe(),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
-
-
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": message, "field": field}, status_code=status, headers=headers)
-
-
-async def read_json_body(request, limit: int) -> dict:
-    """The request's JSON object, read up to ``limit`` bytes (413 beyond, checked before and while reading)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise BadRequest("body", f"body of {int(length)} bytes is over the limit of {limit} (--max-body-bytes)", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest("body", f"body is over the limit of {limit} bytes (--max-body-bytes)", 413)
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest("body", f"body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body", f"body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def create_app(service: RewardService) -> FastAPI:
-    """The FastAPI app over a :class:`RewardService` (the same app under uvicorn and Ray Serve)."""
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        yield
-        await service.aclose()
-
-    app = FastAPI(title="fastrm reward server", lifespan=lifespan)
-    key = service.config.api_key
-
-    def authorized(request: Request) -> bool:
-        if not key:
-            return True
-        given = request.headers.get("authorization", "")
-        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
-
-    async def handle(request: Request, endpoint: str, fn) -> Response:
-        t0 = time.perf_counter()
-        result, status, n = None, 200, 0
-        try:
-            if not authorized(request):
-                status, resp = 401, _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
-            else:
-                result = await fn(await read_json_body(request, service.config.max_body_bytes))
-                resp = JSONResponse(result)
-        except BadRequest as e:
-            status, resp = e.status, _error(e.status, e.message, e.field)
-        except BatcherClosed as e:
-            status, resp = 503, _error(503, str(e))
-        except Exception as e:  # a failure while scoring fails this request only
-            logger.exception("%s failed", endpoint)
-            status, resp = 500, _error(500, f"internal error: {type(e).__name__}: {e}")
-        if result is not None:
-            rewards = result["rewards"]
-            n = sum(map(len, rewards)) if endpoint == "/score" else len(rewards)
-        cut = result.get("truncated", []) if result else []
-        truncated = sum(map(sum, cut)) if endpoint == "/score" else sum(cut)
-        service.metrics.observe_request(endpoint, status, time.perf_counter() - t0, n, truncated)
-        return resp
-
-    @app.post("/score")
-    async def score(request: Request) -> Response:
-        return await handle(request, "/score", service.score)
-
-    @app.post("/get_reward")
-    async def get_reward(request: Request) -> Response:
-        return await handle(request, "/get_reward", service.get_reward)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return service.health()
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        if not authorized(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
-        data, content_type = service.metrics.exposition()
-        return Response(data, media_type=content_type)
-
-    return app
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -333,7 +365,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder, tokenizer.json or 'byte' (default: the model folder's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence (default: %(default)s)")
+    add_rule_flags(p)
     p.add_argument(
         "--max-batch-tokens", type=int, default=d.max_batch_tokens, help="tokens per model call (default: %(default)s)"
     )
@@ -344,14 +376,31 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="how long a batch may wait for requests still being read and tokenized (default: %(default)s)",
     )
     p.add_argument("--max-responses", type=int, default=d.max_responses, help="per request (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request size (default: %(default)s)")
+    p.add_argument(
+        "--max-request-tokens",
+        type=int,
+        help=f"tokens to score in one request, after tokenization; larger requests get 413 (default: "
+        f"{REQUEST_TOKENS_PER_BATCH} x --max-batch-tokens)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help=f"request body size; larger bodies get 413 (default: {BODY_BYTES_PER_TOKEN} x --max-request-tokens)",
+    )
+    p.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=d.body_timeout_s,
+        help="seconds a client has to send the whole body after its headers; 408 after (default: %(default)s)",
+    )
     p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a small shared CPU)")
     p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"bearer token clients must send (default: ${API_KEY_ENV}); required on a non-loopback --host",
+        help=f"bearer token clients must send; required on a non-loopback --host. Prefer ${API_KEY_ENV} "
+        "(the default): a flag's value is visible to other users in `ps`",
     )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
 
@@ -367,10 +416,14 @@ def config_from_args(a: argparse.Namespace) -> ServeConfig:
         model=a.model,
         tokenizer=a.tokenizer,
         max_length=a.max_length,
+        scoring_rule=a.scoring_rule,
+        append_eos=a.append_eos,
         max_batch_tokens=a.max_batch_tokens,
         max_wait_ms=a.max_wait_ms,
         max_responses=a.max_responses,
+        max_request_tokens=a.max_request_tokens,
         max_body_bytes=a.max_body_bytes,
+        body_timeout_s=a.body_timeout_s,
         prefix_sharing=not a.no_prefix_sharing,
         api_key=a.api_key or None,
         device=a.device,
@@ -382,35 +435,3 @@ def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket; connections queue in its backlog until the server accepts them (no start race)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     return socket.create_server((host, port), family=family, backlog=2048)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fastrm serve --model DIR``: serve the reward model over HTTP until interrupted."""
-    import uvicorn
-
-    p = argparse.ArgumentParser(
-        prog="fastrm serve",
-        description="Serve a reward model over HTTP: POST /score, POST /get_reward (OpenRLHF), GET /health, "
-        "GET /metrics; concurrent requests are batched.",
-    )
-    add_serve_flags(p)
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="server log level (default: info)",
-    )
-    a = p.parse_args(argv)
-    cfg = config_from_args(a)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sock = listen(a.host, a.port)
-    service = RewardService.load(cfg)
-    host, port = sock.getsockname()[:2]
-    host = f"[{host}]" if ":" in host else host
-    shown = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
-    print(f"fastrm serve: {json.dumps(shown)}", file=sys.stderr)
-    print(f"fastrm serve: listening on http://{host}:{port} (auth: {'bearer token' if cfg.api_key else 'none'})")
-    sys.stdout.flush()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=a.log_level, lifespan="on"))
-    server.run(sockets=[sock])
-    return 0

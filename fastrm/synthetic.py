@@ -63,6 +63,22 @@ def synthetic_pairs(n: int, seed: int = 0, flip: float = 0.1) -> list[dict]:
     return rows
 
 
+def synthetic_candidates(n: int, k: int = 8, seed: int = 0) -> list[dict]:
+    """``n`` best-of-N rows {"prompt", "responses": [k remarks]} of the same task (seeded): each remark is about the
+    prompt's person, with a kind or an unkind adjective (half and half on average) in a random frame, so a reward
+    model that learned the task ranks the kind remarks first. Duplicates can occur (they tie under any model)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name = rng.choice(NAMES)
+        responses = [
+            " " + rng.choice(FRAMES).format(n=name, a=rng.choice(KIND if rng.random() < 0.5 else UNKIND))
+            for _ in range(k)
+        ]
+        rows.append({"prompt": rng.choice(PROMPTS).format(n=name) + "\n", "responses": responses})
+    return rows
+
+
 def byte_tokenizer():
     """A byte-level Hugging Face fast tokenizer (256 byte tokens + <|endoftext|> + <|pad|>), built locally.
 

@@ -12,34 +12,32 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from fastrm.data import (
-    DataError,
-    LoadStats,
-    MarginPolicy,
-    OnBadRow,
-    PreferencePair,
-    TokenizedPair,
-    _bad_row,
-    _check_on_bad_row,
-    _describe,
-    _load_items,
-    _RowError,
-)
+from fastrm.data import LoadStats, MarginPolicy, PreferencePair, TokenizedPair, handle_bad_row, load_items
+from fastrm.formatting import ScoringRule, encode_groups, truncate_group
+from fastrm.rows import DataError, OnBadRow, RowError, check_on_bad_row, check_vocab, describe_source
+
+__all__ = ["truncate_group", "tokenize_pairs", "load_tokenized", "train_eval_split", "model_vocab_size"]
 
 # Below this many pairs a progress bar is noise: tokenizing takes well under a second.
 _PROGRESS_MIN_PAIRS = 4096
+_TOKENIZER_VOCAB_HINT = " (the tokenizer makes ids the model has no embedding for: use the model's own tokenizer)"
 
 
-def truncate_group(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
-    """Fit prompt + each response into ``max_length``, keeping response ends (where the reward is pooled): cut the
-    shared prompt from its left so the longest response fits; if a response alone is longer than ``max_length``,
-    drop the prompt and keep the last ``max_length`` tokens of each response. Pairs and best-of-N groups share it."""
-    longest = max(len(r) for r in responses)
-    if longest > max_length:
-        return [], [r[-max_length:] for r in responses]
-    room = max_length - longest
-    # left truncation: the turns nearest the response matter most
-    return (prompt[len(prompt) - room :] if len(prompt) > room else prompt), responses
+def model_vocab_size(model: Any) -> int | None:
+    """Rows of a reward model's input embedding (the bound every token id must stay below), or None if unknown."""
+    backbone = getattr(model, "backbone", model)
+    emb = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def check_token_ids(pairs: Sequence[TokenizedPair], vocab_size: int | None) -> None:
+    """Raise :class:`DataError` naming the first pair (its source and field) with an id >= ``vocab_size``."""
+    for p in pairs:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            try:
+                check_vocab(getattr(p, key), key, vocab_size)
+            except RowError as e:
+                raise DataError(e.message(p.source or "pair")) from None
 
 
 def _fit(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, stats: LoadStats):
@@ -66,8 +64,12 @@ def _tokenize_texts(
     on_bad_row: OnBadRow,
     stats: LoadStats,
     progress: bool,
+    vocab_size: int | None = None,
+    rule: ScoringRule | None = None,
 ) -> list[TokenizedPair | None]:
     """Tokenize text pairs; the result is aligned with ``pairs`` (``None`` = dropped tie or skipped row)."""
+    if rule is not None and rule.rule == "hf":
+        return _tokenize_joined(pairs, tokenizer, rule, on_bad_row, stats, vocab_size)
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if batch_size < 1:
@@ -94,9 +96,11 @@ def _tokenize_texts(
                 try:
                     for key, resp in (("chosen", chosen), ("rejected", rejected)):
                         if not resp and eos is None:
-                            raise _RowError(key, "response tokenizes to zero tokens")
-                except _RowError as e:
-                    _bad_row(e, pair.source, on_bad_row, stats)
+                            raise RowError(key, "response tokenizes to zero tokens")
+                    for key, ids_ in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+                        check_vocab(ids_, key, vocab_size, _TOKENIZER_VOCAB_HINT)
+                except RowError as e:
+                    handle_bad_row(e, pair.source, on_bad_row, stats)
                     stats.pairs -= 1
                     out.append(None)
                     continue
@@ -111,6 +115,39 @@ def _tokenize_texts(
     finally:
         if bar is not None:
             bar.close()
+    return out
+
+
+def _tokenize_joined(
+    pairs: Sequence[PreferencePair],
+    tokenizer: Any,
+    rule: ScoringRule,
+    on_bad_row: OnBadRow,
+    stats: LoadStats,
+    vocab_size: int | None,
+) -> list[TokenizedPair | None]:
+    """Pairs under stock transformers' rule (:func:`fastrm.formatting.encode_groups`): each side is ``prompt +
+    response`` tokenized as one text, cut after its pooled token; the common leading ids are the shared prompt."""
+    out: list[TokenizedPair | None] = []
+    for pair in pairs:
+        try:
+            (enc,) = encode_groups(rule, tokenizer, [pair.prompt], [[pair.chosen, pair.rejected]])
+            for key, ids_ in (("prompt", enc.prompt), ("chosen", enc.responses[0]), ("rejected", enc.responses[1])):
+                check_vocab(ids_, key, vocab_size, _TOKENIZER_VOCAB_HINT)
+        except (ValueError, RowError) as e:
+            e = e if isinstance(e, RowError) else RowError("chosen", str(e))
+            handle_bad_row(e, pair.source, on_bad_row, stats)
+            stats.pairs -= 1
+            out.append(None)
+            continue
+        stats.response_truncated += any(enc.truncated)
+        tp = TokenizedPair(enc.prompt, enc.responses[0], enc.responses[1], pair.margin, pair.source)
+        if tp.chosen_ids == tp.rejected_ids:
+            stats.ties_dropped += 1
+            stats.pairs -= 1
+            out.append(None)
+            continue
+        out.append(tp)
     return out
 
 
@@ -148,7 +185,7 @@ def tokenize_pairs(
     ``stats`` is assumed to already count ``pairs`` (as returned by :func:`load_pairs`): dropped pairs are
     subtracted from ``stats.pairs``. Without ``stats`` a fresh object with ``rows=pairs=len(pairs)`` is used.
     """
-    _check_on_bad_row(on_bad_row)
+    check_on_bad_row(on_bad_row)
     stats = stats if stats is not None else LoadStats(rows=len(pairs), pairs=len(pairs))
     out = _tokenize_texts(
         pairs,
@@ -176,16 +213,24 @@ def load_tokenized(
     batch_size: int = 1000,
     progress: bool = False,
     margins: MarginPolicy = "keep",
+    vocab_size: int | None = None,
+    rule: ScoringRule | None = None,
 ) -> tuple[list[TokenizedPair], LoadStats]:
     """Load (see :func:`fastrm.data.load_pairs`, also for ``margins``) and tokenize (see :func:`tokenize_pairs`),
     keeping input order. The whole source is read and validated before this returns, so a bad row stops a run
-    before its first step.
+    before its first step. With ``vocab_size`` (the model's, :func:`model_vocab_size`) a token id at or above it
+    is a bad row (``file:line: field 'chosen_input_ids': id 70000 >= vocab size 50304``).
 
     Rows already in token-id form skip tokenization and are taken verbatim (no EOS is appended to them); they are
     only truncated to ``max_length`` and re-checked for ties.
+
+    ``rule``: a :class:`fastrm.formatting.ScoringRule` to tokenize text pairs by instead (inference on a checkpoint
+    scored by stock transformers' rule); None is training's rule with ``max_length`` and ``append_eos``.
     """
+    if rule is not None:
+        max_length, append_eos = rule.max_length, rule.append_eos
     stats = LoadStats()
-    items = _load_items(source, on_bad_row, stats, margins, tokenizer)
+    items = load_items(source, on_bad_row, stats, margins, tokenizer, vocab_size)
     text_pairs = [p for p in items if isinstance(p, PreferencePair)]
     tokenized = iter(
         _tokenize_texts(
@@ -197,6 +242,8 @@ def load_tokenized(
             on_bad_row=on_bad_row,
             stats=stats,
             progress=progress,
+            vocab_size=vocab_size,
+            rule=rule,
         )
     )
     result: list[TokenizedPair] = []
@@ -205,7 +252,7 @@ def load_tokenized(
         if done is not None:
             result.append(done)
     if not result:
-        raise DataError(f"{_describe(source)}: no pairs left after tokenization")
+        raise DataError(f"{describe_source(source)}: no pairs left after tokenization")
     return result, stats
 
 

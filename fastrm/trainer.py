@@ -1,8 +1,11 @@
 """RewardTrainer: optimizer steps over packed micro-batches, with the paper's batch semantics.
 
 A step takes ``pairs_per_step`` pairs (over all ranks; rank r takes every W-th), packs its share into micro-batches
-under ``max_tokens_per_batch`` and accumulates gradients. The loss is normalised by the step's global pair count,
-so the gradient does not depend on the token budget or the number of ranks. With ``margin_scope="step"`` and a
+under ``max_tokens_per_batch`` and accumulates gradients. What is trained is the config's objective
+(fastrm/objectives.py: how rows become examples, what a micro-batch computes, the loss and its step normaliser, the
+metrics as sums); the trainer owns the step, replication, the optimizer and checkpoints. The loss is normalised by
+the step's global count of the objective's units (pairs for the scalar objective, target tokens for seq2seq), so
+the gradient does not depend on the token budget or the number of ranks. With ``margin_scope="step"`` and a
 loss that uses the batch mean, mu_B is the mean margin over the whole step on all ranks: one no-grad forward over
 the step's micro-batches computes it (all-reduced), then the gradient passes use it as a constant (or, with
 ``detach_mean=False``, with the exact cross term). That extra forward costs about a third of a step; it is skipped
@@ -14,7 +17,6 @@ agree on the number of passes).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,11 +30,12 @@ import torch
 
 from fastrm import checkpoint as ckpt_io
 from fastrm import distributed as dist
-from fastrm.config import NON_TRAINING_FIELDS, RewardConfig
-from fastrm.evaluation import compute_pair_rewards, evaluate_pairs, json_safe, margin_report
-from fastrm.losses import USES_MEAN, mu_cross_term, mu_derivative_sum, stats_from_sums
+from fastrm import formatting, lora, run_dir, saved_tokenizer
+from fastrm.config import RewardConfig, check_eval_source
+from fastrm.evaluation import json_safe
 from fastrm.model import LossConfig, RewardModel
-from fastrm.packing import PackedBatch, micro_batches, pack_pairs
+from fastrm.objectives import check_margins, margin_policy  # noqa: F401  (re-exported)
+from fastrm.packing import PackedBatch
 
 latest_checkpoint = ckpt_io.latest_checkpoint  # re-exported: callers look for it next to the trainer
 
@@ -48,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 class RewardTrainer:
-    """Train a :class:`RewardModel` on preference pairs.
+    """Train a :class:`RewardModel` on preference pairs (or, with ``objective="seq2seq"``, a
+    :class:`fastrm.seq2seq.Seq2SeqRewardModel`).
 
     Args:
         model: the reward model (on CPU; the trainer moves it to the device).
@@ -61,6 +65,11 @@ class RewardTrainer:
         on_step_end: optional callback(step, metrics) (Ray Train reports through it).
         device: default CUDA if available, else CPU.
         fsdp: shard with FSDP2 instead of replicating with DDP (only when a process group is initialised).
+        run_inputs: the data/eval_data/model/tokenizer as the user named them, recorded in the run folder's identity
+            (the CLI passes its flags; see fastrm/run_dir.py).
+        overwrite: remove the files of another training in ``output_dir`` first, instead of refusing the folder.
+        run_folder: give ``output_dir`` a run identity (same training resumes, another is refused); False keeps
+            transformers.Trainer's rules (the TRL drop-in).
     """
 
     def __init__(
@@ -73,11 +82,22 @@ class RewardTrainer:
         on_step_end: Callable[[int, dict], None] | None = None,
         device: torch.device | None = None,
         fsdp: bool = False,
+        run_inputs: dict | None = None,
+        overwrite: bool = False,
+        run_folder: bool = True,
     ):
+        from fastrm.tokenization import model_vocab_size
+
         self.args = args
+        self.objective = get_objective(getattr(args, "objective", "scalar"))
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if self.tokenizer is not None and (args.save_steps or args.save_final):  # before training, not at a save
+            saved_tokenizer.check_savable(self.tokenizer, model.backbone.config)
         self.device = device or default_device()
         self.load_stats: dict = {}  # split -> fastrm.data.LoadStats, for data loaded here
+        check_eval_source(args, eval_dataset is not None)
+        self.vocab_size = model_vocab_size(model)  # token ids at or above it are bad rows
+        self.model = model  # the objective's prepare reads it; moved to the device below
         self.train_pairs = self._prepare(train_dataset, "train")
         self.eval_pairs = self._prepare(eval_dataset, "eval") if eval_dataset is not None else None
         if self.eval_pairs is None and args.eval_fraction > 0:
@@ -86,17 +106,26 @@ class RewardTrainer:
             self.train_pairs, self.eval_pairs = train_eval_split(self.train_pairs, args.eval_fraction, args.seed)
         if not self.train_pairs:
             raise ValueError("no training pairs")
+        lora.prepare(model, args, self.tokenizer)  # lora_r > 0: adapters injected, base frozen, before the move
         model.fused = "auto" if args.fused_head is None else args.fused_head
         model.attn_backend = args.attn_backend
+        # What every checkpoint of this run records as its scoring rule (fastrm/formatting.py): training's rule.
+        model.scoring_rule = formatting.training_rule(
+            self.tokenizer, append_eos=args.append_eos, max_length=args.max_length
+        )
         self.model = model.to(self.device)
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.autocast = args.bf16 if args.bf16 is not None else self.device.type == "cuda"
+        # The construction self-test ran where the model was built (usually the CPU, fp32): again on this device's
+        # back end and precision, before wrapping (a no-op when already tested so, or built with self_test=False).
+        self.objective.self_test_for_run(self)
         self.replication = dist.Replication(self.model, self.model.decoder_layers, self.device, fsdp=fsdp)
         self.loss_cfg = LossConfig(args.loss, args.detach_mean, args.center_rewards_coefficient)
         self.layout = "shared_prompt" if args.prefix_sharing else "separate"
-        self.autocast = args.bf16 if args.bf16 is not None else self.device.type == "cuda"
         self.on_step_end = on_step_end
         self.out = Path(args.output_dir)
+        self.run = run_dir.RunFolder(self.out, specs=run_inputs, overwrite=overwrite, enabled=run_folder)
         self.steps_per_epoch = math.ceil(len(self.train_pairs) / args.pairs_per_step)
         self.total_steps = args.max_steps if args.max_steps > 0 else self.steps_per_epoch * args.num_train_epochs
         self.optimizer = self._make_optimizer()
@@ -104,28 +133,14 @@ class RewardTrainer:
         self.step = 0
         self._perm_cache: dict[int, list[int]] = {}
         self._placeholder: PackedBatch | None = None
+        self._graph_bytes_per_token: float | None = None  # a kept forward graph's memory (CUDA), see _keep_graphs
 
     # ---------------------------------------------------------------- setup
     def _prepare(self, ds, what: str):
-        from fastrm.data import TokenizedPair
-        from fastrm.tokenization import load_tokenized
-
+        """Rows -> this objective's examples (bad rows raised or counted in ``load_stats``)."""
         if ds is None:
             return None
-        if isinstance(ds, (list, tuple)) and ds and all(isinstance(p, TokenizedPair) for p in ds):
-            return check_margins(list(ds), self.args.loss)
-        if self.tokenizer is None:
-            raise ValueError(f"{what} data is not tokenized: pass tokenizer=...")
-        pairs, stats = load_tokenized(
-            ds,
-            self.tokenizer,
-            max_length=self.args.max_length,
-            append_eos=self.args.append_eos,
-            on_bad_row=self.args.on_bad_row,
-            margins=margin_policy(self.args.loss),
-        )
-        self.load_stats[what] = stats
-        return pairs
+        return self.objective.prepare(self, ds, what)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
@@ -173,77 +188,37 @@ class RewardTrainer:
         if i < len(mbs):
             return mbs[i], True
         if self._placeholder is None:
-            self._placeholder = pack_pairs([self.train_pairs[0]], self.layout).to(self.device)
+            self._placeholder = self.objective.pack([self.train_pairs[0]], self.layout).to(self.device)
         return self._placeholder, False
-
-    def _needs_step_mu(self, local_micro_batches: int) -> bool:
-        a = self.args
-        return a.loss in USES_MEAN and a.margin_scope == "step" and (local_micro_batches > 1 or dist.world_size() > 1)
-
-    @torch.no_grad()
-    def _step_mu(self, mbs: list[PackedBatch], n_passes: int, normalizer: float):
-        """mu_B over the real pairs of the whole step on all ranks (placeholders excluded), and the cross term for
-        detach_mean=False. Runs on the unwrapped (or FSDP-sharded) model: a no-grad pass needs no DDP."""
-        d_sum = torch.zeros((), device=self.device)
-        n = torch.zeros((), device=self.device)
-        ds = []
-        for i in range(n_passes):
-            mb, real = self._pass_batch(mbs, i)
-            r = self._forward(self.model, mb)
-            if real:
-                d = r[: mb.num_pairs].float() - r[mb.num_pairs :].float()
-                ds.append(d)
-                d_sum += d.sum()
-                n += d.numel()
-        tot = dist.all_reduce_sum(torch.stack([d_sum, n]))
-        mu = tot[0] / tot[1]
-        mu_grad = None
-        if not self.args.detach_mean:
-            d = torch.cat(ds) if ds else torch.zeros(0, device=self.device)
-            s = dist.all_reduce_sum(mu_derivative_sum(d, self.args.loss, mu).reshape(1))[0]
-            mu_grad = mu_cross_term(s, normalizer, tot[1])
-        return mu, mu_grad
 
     def accumulate_gradients(self, pairs: Sequence, n_global: int) -> dict:
         """Forward/backward over this rank's share of a step (gradients accumulate in ``.grad``).
 
-        Returns device tensors (no host sync): ``sums`` [5] (see fastrm.losses.STATS_FIELDS) over this rank's real
-        pairs, ``counts`` [3] = (pairs, tokens, micro-batches), ``mu`` (the step mu when ``step_mu``, else the sum
-        of the micro-batch mus over ``counts[2]`` micro-batches), ``reward_extrema`` [2] = (-min, max) and
-        ``reward_sum`` [1] of the rewards.
+        ``n_global``: the step's normaliser over all ranks (``objective.step_units`` of the whole step: its pair
+        count for the scalar objective). Returns device tensors (no host sync), as the objective's ``step_result``
+        arranges them, with ``counts`` [3] = (examples, tokens, micro-batches) and ``micro_batches``. The scalar
+        objective's: ``sums`` [5] (see fastrm.losses.STATS_FIELDS) over this rank's real pairs, ``mu`` (the step
+        mu when ``step_mu``, else the sum of the micro-batch mus over ``counts[2]`` micro-batches),
+        ``reward_extrema`` [2] = (-min, max) and ``reward_sum`` [1] of the rewards.
         """
-        mbs = [mb.to(self.device) for mb in micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)]
+        obj = self.objective
+        mbs = [mb.to(self.device) for mb in obj.micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)]
         normalizer = n_global / dist.world_size()  # each rank's loss is summed by the gradient all-reduce
         n_passes = self.replication.num_passes(len(mbs))
-        mu = mu_grad = None
-        if self._needs_step_mu(len(mbs)):
-            mu, mu_grad = self._step_mu(mbs, n_passes, normalizer)
-        sums = torch.zeros(5, device=self.device)
-        # [-min, max] and sum of this rank's rewards: TRL logs min/mean/max reward, and dashboards plot them.
-        extrema = torch.full((2,), -math.inf, device=self.device)
-        reward_sum = torch.zeros(1, device=self.device)
+        state = obj.begin_step(self, mbs, n_passes, normalizer)
+        sums = maxes = None
         for i in range(n_passes):
             mb, real = self._pass_batch(mbs, i)
             with self.replication.gradient_pass(last=i == n_passes - 1):
-                loss, rewards, s = self._forward(
-                    self.replication.module, mb, loss=self.loss_cfg, mu=mu, mu_grad=mu_grad, normalizer=normalizer
-                )
+                loss, s, m = obj.forward(self, self.replication.module, mb, state, normalizer)
                 (loss if real else loss * 0.0).backward()
+            if sums is None:
+                sums, maxes = torch.zeros_like(s), torch.full_like(m, -math.inf)
             if real:
-                sums += s.float()
-                rewards = rewards.detach().float()
-                extrema = torch.maximum(extrema, torch.stack([-rewards.min(), rewards.max()]))
-                reward_sum += rewards.sum()
+                sums += s
+                maxes = torch.maximum(maxes, m)
         counts = torch.tensor([len(pairs), sum(mb.num_tokens for mb in mbs), len(mbs)], device=self.device)
-        return {
-            "sums": sums,
-            "counts": counts.float(),
-            "mu": mu if mu is not None else sums[4],
-            "step_mu": mu is not None,
-            "micro_batches": len(mbs),
-            "reward_extrema": extrema,
-            "reward_sum": reward_sum,
-        }
+        return obj.step_result(sums, maxes, counts.float(), state, len(mbs))
 
     def optimizer_update(self) -> torch.Tensor | None:
         """Clip, step the optimizer and the schedule, zero the gradients; returns the pre-clip gradient norm (a
@@ -264,31 +239,40 @@ class RewardTrainer:
         r = self.accumulate_gradients(pairs, n_global)
         norm = self.optimizer_update()
         norm_vec = torch.full((1,), float("nan"), device=self.device) if norm is None else norm.reshape(1)
-        vec = torch.cat([r["sums"], r["counts"], r["mu"].reshape(1).float(), norm_vec, r["reward_sum"]])
-        host = torch.cat([dist.all_reduce_sum(vec.float()), dist.all_reduce_max(r["reward_extrema"])]).tolist()
-        W = dist.world_size()
-        # A step mu and the gradient norm are equal on every rank (summed W times); micro-batch mus add up.
-        mu = host[8] / W if r["step_mu"] else host[8] / max(host[7], 1.0)
-        m = stats_from_sums(host[:5], int(host[5]))
-        m.pop("sums")
-        m.update(mu=mu, tokens=int(host[6]), micro_batches=int(host[7]), lr=self.scheduler.get_last_lr()[0])
-        m.update(reward_mean=host[10] / max(2 * host[5], 1.0), reward_min=-host[11], reward_max=host[12])
+        obj = self.objective
+        sums = obj.sum_vector(r)
+        vec = torch.cat([sums, r["counts"], norm_vec])
+        host = torch.cat([dist.all_reduce_sum(vec.float()), dist.all_reduce_max(obj.max_vector(r))]).tolist()
+        W, k = dist.world_size(), sums.numel()
+        counts = host[k : k + 3]
+        common = dict(tokens=int(counts[1]), micro_batches=int(counts[2]), lr=self.scheduler.get_last_lr()[0])
+        m = obj.metrics(host[:k], host[k + 4 :], counts, W, r, common)
         if norm is not None:
-            m["grad_norm"] = host[9] / W
+            m["grad_norm"] = host[k + 3] / W  # equal on every rank (summed W times)
         return m
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:
-        """Run training to ``total_steps``; returns the final metrics (eval metrics too if there is eval data)."""
+        """Run training to ``total_steps``; returns the final metrics (eval metrics too if there is eval data).
+
+        The run folder decides where it starts (fastrm/run_dir.py): this training's last complete checkpoint when
+        the folder holds it (a finished run returns its recorded result), ``resume_from_checkpoint`` when given."""
+        try:
+            return self._train()
+        finally:
+            self.run.release()
+
+    def _train(self) -> dict:
         from tqdm.auto import tqdm
 
         a = self.args
         seed_everything(a.seed)
-        if a.resume_from_checkpoint:
-            self.load_checkpoint(a.resume_from_checkpoint)
-        if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "training_config.json").write_text(json.dumps(a.to_dict(), indent=2))
+        resume, finished = self.run.start(self)
+        if finished is not None:
+            return finished
+        if resume is not None:
+            self.load_checkpoint(resume)
+        self.run.begin(self)
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
@@ -303,7 +287,8 @@ class RewardTrainer:
             idx = self.step_indices(self.step)
             shard = idx[dist.rank() :: dist.world_size()]
             t0 = time.perf_counter()
-            m = self.train_step([self.train_pairs[i] for i in shard], len(idx))
+            n_global = self.objective.step_units([self.train_pairs[i] for i in idx])  # on the host, all ranks
+            m = self.train_step([self.train_pairs[i] for i in shard], n_global)
             dt = time.perf_counter() - t0  # the metrics' host transfer ended the step: dt is its real duration
             self.step += 1
             pairs_seen += len(idx)
@@ -316,7 +301,10 @@ class RewardTrainer:
             )
             last = m
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                **{shown: format(m[k], f) for shown, (k, f) in self.objective.progress_fields.items()},
+                tok_s=f"{m['tokens_per_s']:.0f}",
+            )
             if a.logging_steps and self.step % a.logging_steps == 0:
                 self._log({"split": "train", **m})
             if self.on_step_end is not None:
@@ -332,60 +320,28 @@ class RewardTrainer:
         if a.save_steps:
             self.save_checkpoint()
         if a.save_final:
-            full, _ = self.replication.full_state()  # collective when sharded
-            if dist.is_main():
-                ckpt_io.write_atomically(
-                    self.out / ".final-model",
-                    lambda tmp: self.model.save_pretrained(tmp, tokenizer=self.tokenizer, state_dict=full),
-                )
-                _move_contents(self.out / ".final-model", self.out)
+            self.save_final_model()
         if self.eval_pairs:
             result["eval"] = self.evaluate()
             self._log({"split": "eval", "step": self.step, **result["eval"]})
+        self.run.finish(result, self.step)
         return result
 
     def evaluate(self, pairs=None, plot: bool = True) -> dict:
-        """Accuracy and margin statistics on ``pairs`` (default the eval set); writes eval_metrics.json and the
-        margin histogram PNG to output_dir (main rank only)."""
+        """The objective's eval metrics on ``pairs`` (default the eval set): accuracy and margin statistics for the
+        scalar objective, which writes eval_metrics.json and the margin histogram PNG to output_dir (main rank
+        only)."""
         pairs = pairs if pairs is not None else self.eval_pairs
         if not pairs:
             raise ValueError("no eval pairs")
         out = self.out if (plot and dist.is_main()) else None
-        if self.replication.kind == "ddp":
-            return self._evaluate_sharded(pairs, out)
-        return evaluate_pairs(
-            self.model,
-            pairs,
-            max_tokens_per_batch=self.args.max_tokens_per_batch,
-            layout=self.layout,
-            autocast=self.autocast,
-            out_dir=out,
-            progress=self.args.progress and dist.is_main(),
-        )
-
-    def _evaluate_sharded(self, pairs, out: Path | None) -> dict:
-        """DDP: each rank scores every W-th pair; the margins are gathered back into input order, so every rank
-        gets the statistics one process computes (exact, not averaged). FSDP keeps the full eval on every rank:
-        its forwards are collectives, and shares of different sizes would run different numbers of them."""
-        W, r = dist.world_size(), dist.rank()
-        rc, rr = compute_pair_rewards(
-            self.model,
-            pairs[r::W],
-            max_tokens_per_batch=self.args.max_tokens_per_batch,
-            layout=self.layout,
-            autocast=self.autocast,
-            progress=self.args.progress and dist.is_main(),
-        )
-        d = np.empty(len(pairs))
-        for k, part in enumerate(dist.all_gather_objects(rc - rr)):
-            d[k::W] = part
-        return margin_report(d, out_dir=out)
+        return self.objective.evaluate(self, pairs, out)
 
     def _log(self, record: dict) -> None:
         if not dist.is_main():
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / run_dir.METRICS_FILE, "a") as f:
             rec = {k: v for k, v in record.items() if not isinstance(v, (torch.Tensor, list))}
             f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
 
@@ -395,6 +351,7 @@ class RewardTrainer:
         scheduler, RNG, step, config)."""
         final = Path(path) if path is not None else self.out / f"{ckpt_io.PREFIX}{self.step}"
         model_sd, optim_sd = self.replication.full_state(self.optimizer)  # collective when sharded
+        error = None
         if dist.is_main():
             state = {
                 "step": self.step,
@@ -406,24 +363,63 @@ class RewardTrainer:
             }
 
             def write(tmp: Path) -> None:
-                self.model.save_pretrained(tmp, tokenizer=self.tokenizer, state_dict=model_sd)
+                self.objective.save_model(self, tmp, model_sd)
                 ckpt_io.save_trainer_state(tmp, state)
+                run_dir.save_history(self.out, tmp)  # a resume continues this metrics.jsonl exactly
 
-            ckpt_io.write_atomically(final, write)
-            if ckpt_io.checkpoint_step(final) is not None and final.parent == self.out:
+            own = model_sd if model_sd is not None else self.model.state_dict()
+            needed = ckpt_io.save_size(self.tokenizer, own, state["optimizer"])
+            try:
+                ckpt_io.save_guarded(final, write, needed=needed, what=final.name, run_dir=self._run_of(final))
+            except ckpt_io.SaveError as e:
+                error = e
+            if error is None and ckpt_io.checkpoint_step(final) is not None and final.parent == self.out:
                 ckpt_io.prune(self.out, self.args.save_total_limit, protect=final)
-        dist.barrier()
+        ckpt_io.agree(error)  # every rank raises a failed save (and waits for the save, as a barrier did)
         return final
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore model weights, optimizer, scheduler, RNG and step; training then continues identically.
+    def save_final_model(self) -> None:
+        """Write the trained model into output_dir (an HF sequence-classification folder), checked and atomic."""
+        full, _ = self.replication.full_state()  # collective when sharded
+        error = None
+        if dist.is_main():
+            staging = self.out / ckpt_io.FINAL_STAGING
+            needed = ckpt_io.save_size(self.tokenizer, full if full is not None else self.model.state_dict())
+            try:
+                ckpt_io.save_guarded(
+                    staging,
+                    lambda tmp: self.objective.save_model(self, tmp, full),
+                    needed=needed,
+                    what="the final model",
+                    run_dir=self.out,
+                )
+            except ckpt_io.SaveError as e:
+                error = e
+            else:
+                self.run.add_final_files([f.name for f in staging.iterdir()])
+                _move_contents(staging, self.out)
+                if self.args.merge_lora:  # the adapters merged into the base: a plain HF folder beside them
+                    from fastrm.lora_merge import write_merged
 
-        ``"latest"`` takes the newest complete checkpoint in output_dir (and starts fresh if there is none). The
+                    try:
+                        write_merged(self.model, self.out / lora.MERGED_DIR, self.tokenizer, run_dir=self.out)
+                    except ckpt_io.SaveError as e:
+                        error = e
+        ckpt_io.agree(error)
+
+    def _run_of(self, folder: Path) -> Path | None:
+        return self.out if folder.parent == self.out else None
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model weights, optimizer, scheduler, RNG, step and the metrics history up to that step; training
+        then continues identically.
+
+        ``"latest"`` takes the newest complete checkpoint in output_dir (an error if there is none). The
         checkpoint's training config must equal this run's in every field that changes what is trained."""
         if str(path) == "latest":
             path = ckpt_io.latest_checkpoint(self.out)
             if path is None:
-                return
+                raise run_dir.RunFolderError(f"{self.out}: no complete checkpoint to resume from")
         path = Path(path)
         state = ckpt_io.load_trainer_state(path)
         check_resumable(state.get("config", {}), self.args, path)
@@ -438,42 +434,26 @@ class RewardTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if dist.is_main():
+            run_dir.restore_history(path, self.out, self.step)
 
 
-def margin_policy(loss: str) -> str:
-    """What loading does with a 'margin' column: required for loss='margin', ignored (and counted) otherwise."""
-    return "require" if loss == "margin" else "ignore"
+# Re-exported: the Ray entry point and older callers import them from here; fastrm/run_dir.py owns them.
+FRESH_START_HINT = run_dir.FRESH_START_HINT
+check_resumable = run_dir.check_resumable
 
 
-def check_margins(pairs: list, loss: str) -> list:
-    """Tokenized pairs given directly: loss='margin' needs a margin on each; other losses do not read them."""
-    if loss == "margin":
-        missing = [p.source for p in pairs if p.margin is None]
-        if missing:
-            raise ValueError(
-                f"loss='margin' needs a margin on every pair; {len(missing)} have none (first: {missing[0] or '?'})"
-            )
-        return pairs
-    return [p if p.margin is None else dataclasses.replace(p, margin=None) for p in pairs]
+def get_objective(name: str):
+    """The objective named by ``RewardConfig.objective`` (fastrm/objectives.py, fastrm/seq2seq.py)."""
+    from fastrm.objectives import OBJECTIVES, PairwiseObjective
 
+    if name == "scalar":
+        return PairwiseObjective()
+    if name == "seq2seq":
+        from fastrm.seq2seq import Seq2SeqObjective
 
-FRESH_START_HINT = "start fresh: another --output-dir, or no --resume-from-checkpoint"
-
-
-def check_resumable(saved: dict, args: RewardConfig, where: Path | str, fresh_start: str = FRESH_START_HINT) -> None:
-    """Refuse to resume a checkpoint whose run trained something else (another loss, data order, schedule, ...).
-
-    ``fresh_start`` ends the error: how to start a new run instead (the Ray entry point names other flags)."""
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-        for k, v in args.to_dict().items()
-        if k not in NON_TRAINING_FIELDS and k in saved and saved[k] != v
-    ]
-    if diffs:
-        raise ValueError(
-            f"{where}: cannot resume, the checkpoint was trained with other settings ({'; '.join(diffs)}). Resume "
-            f"with the same settings, or {fresh_start}"
-        )
+        return Seq2SeqObjective()
+    raise ValueError(f"unknown objective {name!r}; expected one of {OBJECTIVES}")
 
 
 def _move_contents(src: Path, dst: Path) -> None:

@@ -16,10 +16,13 @@ from torch import Tensor
 
 from fastrm.losses import LOSS_KINDS, USES_MEAN, check_loss_args, check_rewards
 
-# Compile-time ids of the loss kinds (the kernel tests KIND >= 2 for the kinds that use mu).
+# Compile-time ids of the loss kinds this kernel implements (it tests KIND >= 2 for the kinds that use mu).
 KIND_IDS: dict[str, int] = {"bt": 0, "margin": 1, "batch_mean": 2, "threshold": 3}
-if set(KIND_IDS) != set(LOSS_KINDS) or {k for k, i in KIND_IDS.items() if i >= 2} != set(USES_MEAN):
-    raise ImportError(f"fastrm_kernels.pairwise_loss implements {sorted(KIND_IDS)}; fastrm.losses defines {LOSS_KINDS}")
+# The kinds the fused path may run: implemented here, defined in fastrm.losses, and with the same mu semantics. A kind
+# fastrm.losses defines and this kernel lacks is not an error: RewardModel.forward runs the PyTorch loss for it.
+FUSED_KINDS: frozenset[str] = frozenset(
+    k for k, i in KIND_IDS.items() if k in LOSS_KINDS and (i >= 2) == (k in USES_MEAN)
+)
 # Mu modes of the kernel: no mu (bt / margin), mean computed in-kernel, mean given by the caller.
 _MU_NONE, _MU_INTERNAL, _MU_EXTERNAL = 0, 1, 2
 
@@ -79,7 +82,13 @@ def _pair_terms(rc, rr, m, mu, KIND: tl.constexpr):
     return d, loss, gd, gmu, under
 
 
-@triton.jit
+# B is a plain runtime integer and BLOCK_B is fixed (the loops mask any B), and no pointer is specialised on its
+# alignment (the rejected halves r[B:] start at an offset that depends on B; the loads are scalar-strided anyway),
+# so every batch reuses one compilation per loss configuration (tests/test_kernel_specializations.py counts them).
+@triton.jit(
+    do_not_specialize=["B"],
+    do_not_specialize_on_alignment=["rc_ptr", "rr_ptr", "m_ptr", "mu_ptr", "mu_grad_ptr", "gc_ptr", "gr_ptr"],
+)
 def _pairwise_loss_kernel(
     rc_ptr,  # [B] chosen rewards (any float dtype), stride rc_stride
     rr_ptr,  # [B] rejected rewards, stride rr_stride
@@ -202,8 +211,8 @@ def check_triton_device(t: Tensor) -> None:
         )
 
 
-def _loss_block(B: int) -> int:
-    return min(triton.next_power_of_2(B), 1024)
+# Pairs per loop iteration of the one-program loss kernel (fixed: a block size from B would compile per batch).
+_LOSS_BLOCK = 1024
 
 
 def launch_pairwise_loss(
@@ -224,6 +233,8 @@ def launch_pairwise_loss(
     Returns (loss [] fp32, stats [5] fp32). Arguments must already be validated (fastrm.losses.check_loss_args).
     """
     B = rc.shape[0]
+    if loss_kind not in FUSED_KINDS:
+        raise ValueError(f"the fused pairwise loss implements {sorted(FUSED_KINDS)}, not {loss_kind!r}")
     kind = KIND_IDS[loss_kind]
     if loss_kind in USES_MEAN:
         mu_mode = _MU_EXTERNAL if mu is not None else _MU_INTERNAL
@@ -253,7 +264,7 @@ def launch_pairwise_loss(
         NEED_CROSS=(mu_mode == _MU_INTERNAL and not detach_mean),
         HAS_CENTER=center != 0.0,
         HAS_MU_GRAD=mu_grad is not None,
-        BLOCK_B=_loss_block(B),
+        BLOCK_B=_LOSS_BLOCK,
         num_warps=4,
     )
     return loss, stats

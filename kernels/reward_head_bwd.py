@@ -32,15 +32,15 @@ def _bwd_param_partials(
     part_ptr,
     N,
     H,
+    slot_iters,
     NORM: tl.constexpr,
-    SLOT_ITERS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """part[pid, cols] = sum over this program's slots k of dr_k * xhat_k[cols]."""
     acc = tl.zeros([BLOCK_S, BLOCK_H], tl.float32)
-    for it in range(SLOT_ITERS):
-        slots = (pid * SLOT_ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+    for it in range(slot_iters):
+        slots = (pid * slot_iters + it) * BLOCK_S + tl.arange(0, BLOCK_S)
         smask = slots < N
         x = tl.load(xg_ptr + slots[:, None] * H + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0)
         xhat = x.to(tl.float32)
@@ -106,7 +106,10 @@ def _bwd_hidden_tile(
     )
 
 
-@triton.jit
+# Batch-dependent sizes and loop counts (N, T, the program split) are plain runtime integers and the block sizes
+# depend on H only, so a model's batches share one compilation (tests/test_kernel_specializations.py counts them);
+# H and the row stride stay specialised (fixed per model; divisibility by 16 vectorises the [T, H] stores).
+@triton.jit(do_not_specialize=["N", "T", "NUM_SLOT_PROGS", "slot_iters", "row_iters"])
 def _head_bwd_kernel(
     xg_ptr,  # [N, H] pooled rows saved by the forward (contiguous)
     g_ptr,  # [N] fp32: dLoss/d(reward) per slot, before the grad_output scale
@@ -123,11 +126,11 @@ def _head_bwd_kernel(
     H,
     stride_dxt,
     NUM_SLOT_PROGS,
+    slot_iters,  # slot blocks per parameter-gradient program
+    row_iters,  # grad_hidden tiles per row program
     NORM: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    SLOT_ITERS: tl.constexpr,
-    ROW_ITERS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -145,7 +148,7 @@ def _head_bwd_kernel(
         scale = 1.0
     if pid < NUM_SLOT_PROGS:
         _bwd_param_partials(
-            pid, cols, cmask, scale, xg_ptr, g_ptr, aux_ptr, part_ptr, N, H, NORM, SLOT_ITERS, BLOCK_S, BLOCK_H
+            pid, cols, cmask, scale, xg_ptr, g_ptr, aux_ptr, part_ptr, N, H, slot_iters, NORM, BLOCK_S, BLOCK_H
         )
     else:
         hw = tl.load(hw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -154,9 +157,9 @@ def _head_bwd_kernel(
         else:
             hww = hw
         # Several tiles per program: at T = 256k one tile per program would be ~10^5 tiny CTAs.
-        for it in range(ROW_ITERS):
+        for it in range(row_iters):
             _bwd_hidden_tile(
-                (pid - NUM_SLOT_PROGS) * ROW_ITERS + it,
+                (pid - NUM_SLOT_PROGS) * row_iters + it,
                 cols,
                 cmask,
                 scale,
@@ -177,7 +180,7 @@ def _head_bwd_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "N"])
 def _head_param_grad_kernel(
     part_ptr,  # [P, H] fp32 partial sums of dr_k * xhat_k
     g_ptr,  # [N] fp32 dLoss/d(reward)
@@ -250,15 +253,16 @@ def launch_head_bwd(
     N, H = xg.shape
     dev = xg.device
     # [4096]-element tiles: larger ones spill registers (the row role holds acc, x, xhat and the update at once).
+    # Block sizes depend on H only (the kernels mask any N and T); the loop counts are runtime arguments.
     BLOCK_H = min(triton.next_power_of_2(H), 1024)
     n_hb = triton.cdiv(H, BLOCK_H)
-    BLOCK_S = max(1, min(4096 // BLOCK_H, triton.next_power_of_2(N)))
+    BLOCK_S = max(1, 4096 // BLOCK_H)
     slots_per_prog = max(BLOCK_S, triton.next_power_of_2(triton.cdiv(N, _BWD_SLOT_PROGRAMS)))
     n_slot = triton.cdiv(N, slots_per_prog)
-    BLOCK_T = max(1, min(4096 // BLOCK_H, triton.next_power_of_2(T)))
+    BLOCK_T = max(1, 4096 // BLOCK_H)
     n_tiles = triton.cdiv(T, BLOCK_T)
-    ROW_ITERS = min(16, max(1, triton.next_power_of_2(n_tiles * n_hb // _BWD_ROW_PROGRAMS + 1) // 2))
-    n_rowprog = triton.cdiv(n_tiles, ROW_ITERS) if need_dx else 0
+    row_iters = min(16, max(1, triton.next_power_of_2(n_tiles * n_hb // _BWD_ROW_PROGRAMS + 1) // 2))
+    n_rowprog = triton.cdiv(n_tiles, row_iters) if need_dx else 0
     part = torch.empty(n_slot, H, device=dev, dtype=torch.float32)
     if need_dx:
         dx = torch.empty(T, H, device=dev, dtype=xg.dtype)
@@ -290,18 +294,18 @@ def launch_head_bwd(
         H,
         dx.stride(0) if need_dx else 0,
         n_slot,
+        slots_per_prog // BLOCK_S,
+        row_iters,
         NORM=NORM_TYPES[norm_type],
         HAS_W=nw is not None,
         HAS_SCALE=grad_scale is not None,
-        SLOT_ITERS=slots_per_prog // BLOCK_S,
-        ROW_ITERS=ROW_ITERS,
         BLOCK_S=BLOCK_S,
         BLOCK_T=BLOCK_T,
         BLOCK_H=BLOCK_H,
         num_warps=8,
     )
     BLOCK_HF = min(triton.next_power_of_2(H), 1024)
-    BLOCK_P = max(1, min(8, triton.next_power_of_2(n_slot)))
+    BLOCK_P = 8  # fixed (masked loops over P and N): no new compilation per batch size
     _head_param_grad_kernel[(triton.cdiv(H, BLOCK_HF),)](
         part,
         g,
@@ -321,7 +325,7 @@ def launch_head_bwd(
         HAS_HB=hb is not None,
         HAS_SCALE=grad_scale is not None,
         BLOCK_P=BLOCK_P,
-        BLOCK_N=min(triton.next_power_of_2(N), 1024),
+        BLOCK_N=1024,
         BLOCK_H=BLOCK_HF,
         num_warps=4,
     )

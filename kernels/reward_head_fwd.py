@@ -15,7 +15,11 @@ from torch import Tensor
 NORM_TYPES: dict[str, int] = {"none": 0, "rms": 1, "layer": 2}
 
 
-@triton.jit
+# Sizes that change with every batch (N, T) are plain runtime integers: specialising them (== 1, divisible by 16)
+# would compile a new kernel for many new batch shapes (tests/test_kernel_specializations.py counts them). H and
+# the row stride stay specialised: they are fixed by the model (one compilation) and divisibility by 16 lets the
+# row loads vectorise.
+@triton.jit(do_not_specialize=["N", "T"])
 def _head_fwd_kernel(
     x_ptr,  # [T, H] hidden (row stride stride_xt, unit column stride)
     idx_ptr,  # [N] int32/int64: hidden row of each pooled slot
@@ -138,9 +142,10 @@ def launch_head_fwd(
     T, H = hidden.shape
     check_pool_index(pool_index, T)
     N = pool_index.shape[0]
-    # A whole row per block up to H = 8192 (register-resident); larger H loops over chunks.
+    # A whole row per block up to H = 8192 (register-resident); larger H loops over chunks. Block sizes depend on H
+    # only (the kernel masks any N), so every batch of a model reuses one compiled kernel.
     BLOCK_H = min(triton.next_power_of_2(H), 8192)
-    BLOCK_R = max(1, min(64, 4096 // BLOCK_H, triton.next_power_of_2(N)))
+    BLOCK_R = max(1, min(64, 4096 // BLOCK_H))
     r = torch.empty(N, device=hidden.device, dtype=torch.float32)
     xg = torch.empty(N, H, device=hidden.device, dtype=hidden.dtype)
     aux = torch.empty(N, 4, device=hidden.device, dtype=torch.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastrm.formatting import add_rule_flags
 from fastrm.ray_bon import default_errors_path, run_best_of_n
 from fastrm.ray_cluster import NODE_CHECK_TIMEOUT_S
 
@@ -45,7 +46,7 @@ def build_parser():
     p.add_argument("--num-actors", type=int, help="scoring actors (default: the cluster's GPUs with --use-gpu, else 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--max-length", type=int, default=2048)
+    add_rule_flags(p)  # --scoring-rule, --max-length, --append-eos: the checkpoint's record unless given
     p.add_argument("--max-tokens-per-batch", type=int, default=16384)
     p.add_argument("--no-prefix-sharing", action="store_true", help="score each response as its own sequence")
     p.add_argument(
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus_per_actor=a.cpus_per_actor,
         top_k=a.top_k,
         max_length=a.max_length,
+        append_eos=a.append_eos,
+        scoring_rule=a.scoring_rule,
         max_tokens_per_batch=a.max_tokens_per_batch,
         prefix_sharing=not a.no_prefix_sharing,
         split=a.split,

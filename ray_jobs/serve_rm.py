@@ -65,5 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with fastrm's one-line errors (``--debug`` shows the traceback)."""
+    from fastrm.cli import run_user_facing
+
+    return run_user_facing("serve_rm.py", main, list(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

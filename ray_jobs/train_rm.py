@@ -25,7 +25,8 @@ EPILOG = """examples (see ray_jobs/README.md):
 environment:
   RAY_TRAIN_ENABLE_STATE_TRACKING=1 is set for the run (the dashboard's Train view; set it to 0 to opt out).
   Worker nodes join a token-auth head with RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the head's token> ray start ...
-  CPU workers on several nodes need GLOO_SOCKET_IFNAME=<interface> when the hostname resolves to 127.0.x.x.
+  CPU workers on several nodes need GLOO_SOCKET_IFNAME=<interface> when the hostname resolves to 127.0.x.x: pass
+  --worker-env GLOO_SOCKET_IFNAME=eth0 (exported where you run `ray job submit` it does not reach the job).
 """
 
 
@@ -85,8 +86,9 @@ def build_parser():
         action="append",
         default=[],
         metavar="NAME[=VALUE]",
-        help="environment variable for the workers (repeatable; NAME alone takes this environment's value). "
-        "GLOO_*, NCCL_*, TORCH_NCCL_* and TP_SOCKET_IFNAME set here are passed on without it",
+        help="environment variable for the workers (repeatable; NAME alone takes the driver's value), e.g. "
+        "GLOO_SOCKET_IFNAME=eth0: `ray job submit` does not pass your shell's environment to the job. GLOO_*, "
+        "NCCL_*, TORCH_NCCL_* and TP_SOCKET_IFNAME of the driver's own environment are passed on without it",
     )
     g.add_argument(
         "--fsdp",

@@ -144,3 +144,83 @@ def private_mount_prefix(private: Path) -> tuple[str, ...] | None:
         if probe.returncode == 0:
             return (*ns, "sh", "-c", mount + 'exec "$@"', str(private))
     return None
+
+
+class JobHead:
+    """A private head with a job server (``ray start --head --include-dashboard=true``) for ``ray job submit``
+    tests, in its own temp dir; ``stop()`` ends it and everything of its session.
+
+    What it waits for is a condition, never a guess (issue 18): the head picks its own ports and prints the job
+    server's address; a submission the head answers with "No available agent" (its job agent registers a few
+    seconds after the HTTP server, longer on a loaded machine) is resubmitted under the same id until accepted.
+    """
+
+    def __init__(self, log: Path, *, num_cpus: int = 2, start_timeout_s: float = 300):
+        import shutil
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths live under it
+        # No token auth on this private head (TEST_ENV; dashboard on 127.0.0.1).
+        env = {**os.environ, **TEST_ENV}
+        env.pop("RAY_ADDRESS", None)
+        self.node = RayNode(
+            log,
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--port=0",
+            "--dashboard-port=0",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={self.temp_dir}",
+            env=env,
+            temp_dir=self.temp_dir,
+        )
+        try:
+            self.node.wait_started(start_timeout_s)
+            from ray.job_submission import JobSubmissionClient
+
+            self.client = JobSubmissionClient(self.node.api_address())
+        except BaseException:
+            self.stop()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise
+
+    def submit(self, entrypoint: str, runtime_env: dict, prefix: str = "fastrm", timeout_s: float = 120) -> str:
+        """Submit ``entrypoint``; returns the submission id (retried while the job agent is not up yet)."""
+        submission_id = f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
+
+        def submitted() -> bool:
+            try:
+                self.client.submit_job(submission_id=submission_id, entrypoint=entrypoint, runtime_env=runtime_env)
+            except RuntimeError as e:
+                if "No available agent" in str(e):
+                    return False  # the head's job agent has not registered yet: it says "try again later"
+                raise
+            return True
+
+        wait_for(submitted, timeout_s, "the head's job agent accepting a submission", interval_s=2)
+        return submission_id
+
+    def wait(self, submission_id: str, timeout_s: float = 300):
+        """The job's final status (SUCCEEDED, FAILED or STOPPED); an AssertionError with the log tail on timeout."""
+        from ray.job_submission import JobStatus
+
+        final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+        try:
+            return wait_for(
+                lambda: (st := self.client.get_job_status(submission_id)) in final and st,
+                timeout_s,
+                "the job",
+                interval_s=1,
+            )
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; job log tail:\n{self.logs(submission_id)[-3000:]}") from None
+
+    def logs(self, submission_id: str) -> str:
+        return self.client.get_job_logs(submission_id)
+
+    def stop(self) -> None:
+        import shutil
+
+        self.node.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -129,11 +129,12 @@ def test_the_token_budget_splits_batches_and_big_groups_come_back_whole():
     calls, got, small, big = asyncio.run(run())
     assert got[:-1] == [expected([g]) for g in small]
     assert got[-1] == expected([big])
-    for prompts, responses in calls:  # every group fits one micro-batch (the model splits a call into those)
-        assert all(len(p) + sum(map(len, rs)) <= 12 for p, rs in zip(prompts, responses))
-    # FIFO under the budget: 4 small requests (12 tokens), then 2 (the big one would overflow), then the big one
-    # alone in its 3 chunks (same prompt, but merged they would not fit a micro-batch)
-    assert [len(c[0]) for c in calls[1:]] == [4, 2, 3]
+    for prompts, responses in calls:  # every call is one micro-batch: within the budget, each prompt once
+        assert sum(len(p) + sum(map(len, rs)) for p, rs in zip(prompts, responses)) <= 12
+        assert len(set(map(tuple, prompts))) == len(prompts)
+    # rounds in arrival order: 4 small requests fill the first micro-batch; the last 2 share the next with the big
+    # request's first response; the big one's other 6 responses follow, 3 per micro-batch under one prompt
+    assert [[len(rs) for rs in c[1]] for c in calls[1:]] == [[1, 1, 1, 1], [1, 1, 1], [3], [3]]
 
 
 def test_a_failing_batch_fails_its_requests_only_and_close_fails_the_queue():
@@ -177,7 +178,8 @@ def test_prepare_queries_splits_at_the_prompt_strips_eos_and_groups_shared_prefi
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     queries = ["Q: hi A: yes" + eos, "Q: hi A: no", "Z: other" + eos + eos, "Z: other two"]
     prompts = ["Q: hi", "Q: hi", None, "not its prefix"]
-    groups, flags = prepare_queries(tok, queries, prompts, max_length=1000)
+    groups, flags, split = prepare_queries(tok, queries, prompts, max_length=1000)
+    assert split == ["prompt", "prompt", "whole", "whole"]
     assert groups[0].prompt == groups[1].prompt == ids("Q: hi")
     assert groups[0].responses == [ids(" A: yes") + [tok.eos_token_id]]  # one EOS, the one the server adds
     assert groups[1].responses == [ids(" A: no") + [tok.eos_token_id]]
@@ -186,7 +188,95 @@ def test_prepare_queries_splits_at_the_prompt_strips_eos_and_groups_shared_prefi
     assert groups[2].responses == [ids("r") + [tok.eos_token_id]]
     assert groups[3].responses == [ids("r two") + [tok.eos_token_id]]
     assert flags == [False] * 4
-    short, cut = prepare_queries(tok, ["abcdefgh"], None, max_length=4)
+    short, cut, _ = prepare_queries(tok, ["abcdefgh"], None, max_length=4)
     assert short[0].prompt == [] and short[0].responses == [ids("fgh") + [tok.eos_token_id]] and cut == [True]
     with pytest.raises(BadRequest, match=r"query\[0\] is empty"):
         prepare_queries(tok, [eos], None, max_length=8)
+
+
+def test_a_small_request_behind_a_large_one_waits_for_one_micro_batch_not_for_the_large_request():
+    async def run():
+        model = FakeModel()
+        b = DynamicBatcher(model, max_batch_tokens=40, max_wait_ms=0)
+        large = Group([9] * 4, [[i % 5 + 1] * 6 for i in range(50)])  # 4 + 50 x 6 tokens: ~8 micro-batches
+        model.hold()
+        big = asyncio.create_task(b.submit([large]))
+        await until_model_entered(model)  # the large request's first micro-batch is running
+        small = asyncio.create_task(b.submit([Group([1], [[2, 3]])]))
+        await let_tasks_queue()
+        model.gate.set()
+        assert await small == expected([Group([1], [[2, 3]])])
+        assert await big == expected([large])
+        await b.aclose()
+        return model.calls
+
+    calls = asyncio.run(run())
+    assert len(calls) >= 8
+    # the small request rode in the second model call, beside the large request's next responses
+    assert [i for i, (prompts, _) in enumerate(calls) if [1] in prompts] == [1] and [9] * 4 in calls[1][0]
+
+
+def test_a_cancelled_request_is_dropped_and_its_unsent_responses_are_never_scored():
+    async def run():
+        model = FakeModel()
+        abandoned = []
+        b = DynamicBatcher(model, max_batch_tokens=40, max_wait_ms=0, on_abandon=abandoned.append)
+        large = Group([9] * 4, [[i % 5 + 1] * 6 for i in range(50)])
+        model.hold()
+        big = asyncio.create_task(b.submit([large]))
+        await until_model_entered(model)
+        other = asyncio.create_task(b.submit([Group([1], [[2]])]))  # queued behind, must still be served
+        await let_tasks_queue()
+        big.cancel()  # what the server does when the client disconnects
+        await let_tasks_queue()
+        model.gate.set()
+        assert await other == expected([Group([1], [[2]])])
+        with pytest.raises(asyncio.CancelledError):
+            await big
+        assert b.queued_requests == 0 and b.queued_tokens == 0
+        await b.aclose()
+        return model.calls, abandoned
+
+    calls, abandoned = asyncio.run(run())
+    scored = sum(len(rs) for prompts, responses in calls for p, rs in zip(prompts, responses) if p == [9] * 4)
+    # only the micro-batch already in the model ran for the large request (6 responses: 4 + 6 x 6 = 40 tokens);
+    # its other 44 were dropped, and counted; the next call served the request behind it
+    assert len(calls) == 2 and scored == 6 and abandoned == [44] and calls[1][0] == [[1]]
+
+
+def test_queries_without_prompts_tokenize_as_training_does_and_say_so_when_they_cannot(neox_tokenizer):
+    """With a BPE tokenizer: an HH-RLHF transcript sent as a bare query gets training's prompt and response ids
+    (load_tokenized, the training path); a query whose training prompt ended in a space cannot be recovered from
+    the text alone, and the answer says how it was split instead of passing it off as the training split."""
+    import gzip
+    import json
+
+    from conftest import HH
+
+    from fastrm.data import split_hh_transcript
+    from fastrm.tokenization import load_tokenized
+
+    tok = neox_tokenizer
+    rows = [json.loads(line) for line in gzip.open(HH / "helpful-base_test.jsonl.gz", "rt")][:80]
+    cut = lambda r, k: split_hh_transcript(r[k])  # noqa: E731
+    # rows training splits at the marker: a shared prompt and two non-empty responses (a few are not)
+    rows = [r for r in rows if cut(r, "chosen")[0] == cut(r, "rejected")[0] and r["chosen"] != r["rejected"]]
+    rows = [r for r in rows if cut(r, "chosen")[1].strip() and cut(r, "rejected")[1].strip()]
+    train, _ = load_tokenized(rows, tok, max_length=10**6)
+    groups, _, split = prepare_queries(tok, [r["chosen"] for r in rows], None, max_length=10**6)
+    assert len(train) == len(rows) > 40 and split == ["assistant_marker"] * len(rows)
+    for pair, g in zip(train, groups):
+        assert (g.prompt, g.responses) == (list(pair.prompt_ids), [list(pair.chosen_ids)])
+    # trained as prompt "... Assistant: " + response "Hello ...": only the client knows where the prompt ends
+    pairs = [
+        {"prompt": f"\n\nHuman: q{i}\n\nAssistant: ", "chosen": f"Hello {i}.", "rejected": "No."} for i in range(8)
+    ]
+    train, _ = load_tokenized(pairs, tok, max_length=10**6)
+    texts = [p["prompt"] + p["chosen"] for p in pairs]
+    exact, _, split = prepare_queries(tok, texts, [p["prompt"] for p in pairs], max_length=10**6)
+    assert split is None and all(
+        (g.prompt, g.responses) == (list(t.prompt_ids), [list(t.chosen_ids)]) for g, t in zip(exact, train)
+    )
+    bare, _, split = prepare_queries(tok, texts, None, max_length=10**6)
+    assert split == ["assistant_marker"] * 8  # said in the answer (and counted in /metrics)
+    assert all(g.prompt + g.responses[0] != t.prompt_ids + t.chosen_ids for g, t in zip(bare, train))

@@ -94,31 +94,45 @@ def test_rm_bench_numbers_match_an_independent_computation_and_stock_hf_scores(c
     argv = ["bench", "--model", str(ckpt), "rm-bench", "--rm-bench-dir", str(rm_dir), "--limit", "10"]
     assert cli_main([*argv, "--output-dir", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "mean over domains" in printed and "hard" in printed
+    assert "overall (3 domains)" in printed and "hard" in printed and "rendering: plain prompt" in printed
     report = json.loads((out / "bench_report.json").read_text())
     rows = _scores(out)
     assert len(rows) == 40 and all(f["prompt_truncated"] == 0 for f in report["files"])
-    by_domain = {}
+    by_file = {}
     for r in rows:
-        by_domain.setdefault(r["file"], []).append(r)
-    want = {}
+        by_file.setdefault(r["file"], []).append(r)
     for f in report["files"]:
-        want[f["name"]] = _reference_rm_bench(by_domain[f["path"]])
-        got = report["rm_bench"]["domains"][f["name"]]
+        want = _reference_rm_bench(by_file[f["path"]])
+        got = report["rm_bench"]["files"][f["name"]]
         for key in ("hard", "normal", "easy"):
-            assert got[key] == pytest.approx(want[f["name"]][key], abs=1e-12), (f["name"], key)
-        assert np.allclose(got["matrix"], want[f["name"]]["matrix"], atol=1e-12)
+            assert got[key] == pytest.approx(want[key], abs=1e-12), (f["name"], key)
+        assert np.allclose(got["matrix"], want["matrix"], atol=1e-12)
+    # RM-Bench's domains by name prefix: the two safety files are one Safety domain (one matrix over both)
+    paths = {f["name"]: f["path"] for f in report["files"]}
+    domains = {
+        "chat": by_file[paths["chat"]],
+        "code": by_file[paths["code"]],
+        "safety": by_file[paths["safety-refuse"]] + by_file[paths["safety-response"]],
+    }
+    assert list(report["rm_bench"]["domains"]) == ["chat", "code", "safety"]
+    want = {d: _reference_rm_bench(r) for d, r in domains.items()}
+    for d, w in want.items():
+        for key in ("hard", "normal", "easy"):
+            assert report["rm_bench"]["domains"][d][key] == pytest.approx(w[key], abs=1e-12), (d, key)
     for key in ("hard", "normal", "easy"):
         mean = sum(w[key] for w in want.values()) / len(want)
-        assert report["rm_bench"]["domain_mean"][key] == pytest.approx(mean, abs=1e-12)
+        assert report["rm_bench"]["overall"][key] == pytest.approx(mean, abs=1e-12)
         assert report["rm_bench"]["pooled"][key] == pytest.approx(_reference_rm_bench(rows)[key], abs=1e-12)
+    avg = np.mean([np.mean([w["hard"], w["normal"], w["easy"]]) for w in want.values()])
+    assert report["rm_bench"]["overall"]["avg"] == pytest.approx(avg, abs=1e-12)
+    assert report["rendering"]["name"] == "default" and "math" in report["comparable_with"]["rm_bench"]
     spread = [s for r in rows for s in r["scores"]]
     assert np.std(spread) > 1e-3, "degenerate scores would make every comparison a tie"
 
     # The shared-prompt scores equal stock transformers scoring each (prompt, response) alone.
     hf = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
-    for path, domain_rows in by_domain.items():
+    for path, domain_rows in by_file.items():
         with gzip.open(path, "rt") as fh:
             rec = json.load(fh)[0]
         p = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
@@ -147,12 +161,13 @@ def test_shared_prompt_scores_equal_one_sequence_per_response(ckpt, rm_dir, tmp_
     with pytest.raises(ValueError, match="more than max_tokens_per_batch=100"):
         evaluate_benchmark(str(ckpt), "rm-bench:chat", max_tokens_per_batch=100, **kw)
     assert a["timing"]["tokens_computed"] < b["timing"]["tokens_computed"] == a["timing"]["tokens_unshared"]
-    assert a["rm_bench"]["domain_mean"] == b["rm_bench"]["domain_mean"]
+    assert a["rm_bench"]["overall"] == b["rm_bench"]["overall"]
 
 
 def test_hf_checkpoint_with_a_chat_template(tmp_path, rm_dir, neox_tokenizer):
-    """Any HF sequence-classification checkpoint: its chat template renders the prompt, the report says so, and
-    each score is the stock model's score of the rendered prompt + response + EOS."""
+    """Any HF sequence-classification checkpoint: its chat template renders the prompt when asked
+    (``chat_template="auto"``), the report says so, and each score is the stock model's score of the rendered
+    prompt + response as the tokenizer's default call encodes it (the checkpoint has no fastrm record: rule hf)."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     from fastrm.bench_data import render_prompt
@@ -173,22 +188,24 @@ def test_hf_checkpoint_with_a_chat_template(tmp_path, rm_dir, neox_tokenizer):
         neox_tokenizer.save_pretrained(hf_dir)
     finally:
         neox_tokenizer.chat_template = None
-    report = evaluate_benchmark(str(hf_dir), "rm-bench:code", rm_bench_dir=rm_dir, limit=2, output_dir=tmp_path / "o")
+    report = evaluate_benchmark(
+        str(hf_dir), "rm-bench:code", rm_bench_dir=rm_dir, limit=2, output_dir=tmp_path / "o", chat_template="auto"
+    )
     assert "chat template" in report["prompt_format"] and "the tokenizer's" in report["prompt_format"]
+    assert report["scoring_rule"]["rule"] == "hf"
     hf = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
     with gzip.open(rm_dir / "code_filtered.json.gz", "rt") as fh:
         rec = json.load(fh)[1]
     prompt = f"<|user|>\n{rec['prompt']}\n<|assistant|>\n"
-    p = neox_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     got = _scores(tmp_path / "o")[1]["scores"]
     for resp, want in zip(rec["chosen"] + rec["rejected"], got):
-        ids = p + neox_tokenizer(resp, add_special_tokens=False)["input_ids"] + [neox_tokenizer.eos_token_id]
+        ids = neox_tokenizer(prompt + resp)["input_ids"]
         with torch.no_grad():
             assert hf(input_ids=torch.tensor([ids])).logits[0, 0].item() == pytest.approx(want, abs=1e-4)
     hh = "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant:"  # an HH prompt renders as its turns
     want = "<|user|>\nhi\n<|assistant|>\nyo\n<|user|>\nand?\n<|assistant|>\n"
     assert render_prompt(neox_tokenizer, TEMPLATE, hh) == want
-    plain = evaluate_benchmark(str(hf_dir), "rm-bench:code", rm_bench_dir=rm_dir, limit=2, chat_template="none")
+    plain = evaluate_benchmark(str(hf_dir), "rm-bench:code", rm_bench_dir=rm_dir, limit=2)  # the default
     assert plain["prompt_format"].startswith("plain")
 
 
@@ -290,9 +307,10 @@ def test_command_errors_are_one_line_and_skips_are_reported(ckpt, tmp_path, caps
     f = report["files"][0]
     assert (f["records"], f["scored"], f["skipped"]) == (3, 2, 1) and "mixed.jsonl:2" in f["skipped_records"][0]
     assert (
-        report["rm_bench"]["domains"]["mixed"]["num_prompts"] == 2
-        and report["rm_bench"]["domains"]["mixed"]["hard"] is None
+        report["rm_bench"]["files"]["mixed"]["num_prompts"] == 2
+        and report["rm_bench"]["files"]["mixed"]["hard"] is None
     )
+    assert report["rm_bench"]["domains"]["mixed"]["files"] == ["mixed"]  # not an RM-Bench domain name: its own
     assert cli_main(["bench", "--model", str(ckpt), str(tmp_path / "nope.jsonl")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
 
@@ -331,13 +349,14 @@ def test_all_four_rm_bench_domains(ckpt, rm_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     report = json.loads((out / "bench_report.json").read_text())
     rm = report["rm_bench"]
-    counts = {name: d["num_prompts"] for name, d in rm["domains"].items()}
+    counts = {name: d["num_prompts"] for name, d in rm["files"].items()}
     assert counts == {"chat": 129, "code": 228, "safety-refuse": 284, "safety-response": 157}
+    assert {name: d["num_prompts"] for name, d in rm["domains"].items()} == {"chat": 129, "code": 228, "safety": 441}
     assert rm["pooled"]["num_prompts"] == 798 and rm["missing_domains"] == ["math"]
-    assert rm["domains"]["safety-refuse"]["subsets"].keys() >= {"refusals-dangerous", "refusals-offensive"}
+    assert rm["files"]["safety-refuse"]["subsets"].keys() >= {"refusals-dangerous", "refusals-offensive"}
     for key in ("hard", "normal", "easy", "avg"):
-        assert 0.0 <= rm["domain_mean"][key] <= 1.0
-        assert math.isclose(rm["domain_mean"][key], np.mean([d[key] for d in rm["domains"].values()]))
+        assert 0.0 <= rm["overall"][key] <= 1.0
+        assert math.isclose(rm["overall"][key], np.mean([d[key] for d in rm["domains"].values()]))
     assert report["timing"]["responses"] == 4788 and report["timing"]["responses_per_s"] > 0
     assert sum(f["response_truncated"] for f in report["files"]) > 0  # max_length 512 cuts some, and says so
     assert (out / "bench_rm_bench.png").stat().st_size > 0

@@ -108,7 +108,8 @@ def test_hh_real_file_tokenized_fits_max_length(neox):
     # With room to spare nothing is truncated, and the shared prompt saves tokens.
     full, fstats = load_tokenized(HH / "helpful-base_test.jsonl.gz", neox, max_length=4096, on_bad_row="skip")
     assert fstats.prompt_truncated == fstats.response_truncated == 0
-    assert sum(p.shared_num_tokens for p in full) < 0.8 * sum(p.num_tokens for p in full)
+    shared = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in full)  # the prompt once
+    assert shared < 0.8 * sum(p.num_tokens for p in full)
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -322,15 +323,12 @@ def test_json_gz_dataset_and_lists(tmp_path):
         load_pairs(datasets.DatasetDict({"train": ds}))
 
 
-def test_stats_accumulate_and_merge(tmp_path):
+def test_stats_accumulate(tmp_path):
     stats = LoadStats()
     load_pairs([GOOD], stats=stats)
-    load_pairs([GOOD, GOOD], stats=stats)
-    assert (stats.rows, stats.pairs) == (3, 3)
-    other = LoadStats(rows=2, ties_dropped=1, bad_rows_skipped=1, skipped=[{"source": "x", "reason": "bad"}])
-    merged = stats.merge(other)
-    assert merged is stats and (stats.rows, stats.ties_dropped, stats.skipped_examples) == (5, 1, ["x: bad"])
-    assert "3 pairs from 5 rows" in stats.summary()
+    load_pairs([GOOD, {**GOOD, "rejected": GOOD["chosen"]}], stats=stats)
+    assert (stats.rows, stats.pairs, stats.ties_dropped) == (3, 2, 1)
+    assert "2 pairs from 3 rows, ties_dropped=1" in stats.summary()
 
 
 # -------------------------------------------------------------------------------------------- tokenization
@@ -341,7 +339,7 @@ def test_tokenize_real_tokenizer(neox):
     pairs = [PreferencePair("The quick", " brown fox", " fox", margin=1.0, source="x:1")]
     (tp,), stats = tokenize_pairs(pairs, neox)
     assert tp == TokenizedPair([510, 3158], [8516, 30013, NEOX_EOS], [30013, NEOX_EOS], 1.0, "x:1")
-    assert (tp.chosen_len, tp.rejected_len, tp.num_tokens, tp.shared_num_tokens) == (5, 4, 9, 7)
+    assert (tp.chosen_len, tp.rejected_len, tp.num_tokens) == (5, 4, 9)
     assert stats.pairs == 1 and stats.prompt_truncated == 0
     (tp,), _ = tokenize_pairs(pairs, neox, append_eos=False)
     assert tp.prompt_ids + tp.chosen_ids == [510, 3158, 8516, 30013]
@@ -453,3 +451,49 @@ def test_read_prompt_responses(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([rows[0], rows[2]])
     assert [r["source"] for r in read_prompt_responses(ds)] == ["dataset[0]", "dataset[1]"]
+
+
+@pytest.mark.parametrize(
+    "row, field, id_",
+    [
+        ({"chosen_input_ids": [5, 70000], "rejected_input_ids": [5, 6]}, "chosen_input_ids", 70000),
+        ({"chosen_input_ids": [5, 7], "rejected_input_ids": [5, 50304]}, "rejected_input_ids", 50304),
+        ({"prompt_input_ids": [99999], "chosen_input_ids": [7], "rejected_input_ids": [6]}, "prompt_input_ids", 99999),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_bad_rows(tmp_path, row, field, id_):
+    """An id the model has no embedding for fails at load as a bad row (it was an IndexError mid-training on CPU,
+    a device-side assert on CUDA); skip mode counts and lists it."""
+    ok = {"chosen_input_ids": [5, 7], "rejected_input_ids": [5, 6]}
+    path = write_jsonl(tmp_path / "ids.jsonl", [ok, row])
+    with pytest.raises(DataError) as e:
+        load_tokenized(path, CharTokenizer(), vocab_size=50304)
+    assert str(e.value) == f"{path}:2: field '{field}': id {id_} >= vocab size 50304"
+    pairs, stats = load_tokenized(path, CharTokenizer(), vocab_size=50304, on_bad_row="skip")
+    assert len(pairs) == 1 and stats.skipped == [
+        {"source": f"{path}:2", "reason": f"field '{field}': id {id_} >= vocab size 50304"}
+    ]
+    assert len(load_tokenized(path, CharTokenizer())[0]) == 2  # no vocabulary given: not checked
+
+
+def test_a_tokenizer_larger_than_the_model_names_the_row_and_the_fix():
+    rows = [{"prompt": "p", "chosen": "ab", "rejected": "a~"}]  # ord('~') = 126
+    with pytest.raises(DataError, match=r"rows\[0\]: field 'rejected': id 126 >= vocab size 120 \(the tokenizer"):
+        load_tokenized(rows, CharTokenizer(), vocab_size=120)
+
+
+def test_the_trainer_checks_ids_against_its_model(tmp_path):
+    from fastrm.config import RewardConfig
+    from fastrm.model import RewardModel
+    from fastrm.synthetic import byte_tokenizer
+    from fastrm.trainer import RewardTrainer
+
+    model = RewardModel.from_config("tiny-llama", self_test=False)
+    vocab = model.backbone.get_input_embeddings().num_embeddings
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"chosen_input_ids": [3, vocab], "rejected_input_ids": [3, 4]}])
+    args = RewardConfig(output_dir=str(tmp_path / "o"), progress=False)
+    with pytest.raises(DataError, match=rf"ids.jsonl:1: field 'chosen_input_ids': id {vocab} >= vocab size {vocab}$"):
+        RewardTrainer(model, args, str(path), tokenizer=byte_tokenizer())
+    pairs, _ = load_tokenized(path, byte_tokenizer())
+    with pytest.raises(DataError, match=rf"ids.jsonl:1: field 'chosen_ids': id {vocab} >= vocab size {vocab}$"):
+        RewardTrainer(model, args, pairs, tokenizer=byte_tokenizer())

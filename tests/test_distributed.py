@@ -14,6 +14,8 @@ from fastrm.synthetic import byte_tokenizer, synthetic_pairs
 from fastrm.tokenization import load_tokenized
 from fastrm.trainer import RewardTrainer
 
+# fastrm's own source files (not "/fastrm/" in a path: a clone named fastrm holds its .venv, torch included)
+FASTRM_DIR = os.path.join(os.path.dirname(os.path.abspath(__import__("fastrm").__file__)), "")
 CFG = dict(loss="threshold", margin_scope="step", pairs_per_step=4, max_tokens_per_batch=100, progress=False)
 STEP_SIZES = (1, 2, 3)
 
@@ -28,21 +30,27 @@ def _trainer(out, **kw):
     torch.manual_seed(0)
     tok, pairs = _pairs()
     args = RewardConfig(output_dir=str(out), **{**CFG, **kw})
-    return RewardTrainer(RewardModel.from_config("tiny-llama"), args, pairs, tokenizer=tok)
+    tr = RewardTrainer(RewardModel.from_config("tiny-llama"), args, pairs, tokenizer=tok)
+    with torch.no_grad():  # LoRA: B != 0, so the adapters' A matrices get gradients too
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    return tr
 
 
 def _step(tr, n: int, rank: int, world: int) -> dict:
-    """One step of the first n pairs: this rank's share is every world-th pair (rank 1 of 2 gets none for n=1)."""
+    """One step of the last n pairs: this rank's share is every world-th pair (rank 1 of 2 gets none for n=1)."""
     tr.optimizer.zero_grad(set_to_none=True)
-    share = tr.train_pairs[:n][rank::world]
+    share = tr.train_pairs[-n:][rank::world]  # the last n: the placeholder (pair 0) is never one of them
     r = tr.accumulate_gradients(share, n)
-    return {"mu": float(r["mu"]), "grads": {k: p.grad.clone() for k, p in tr.model.named_parameters()}}
+    grads = {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.requires_grad}
+    return {"mu": float(r["mu"]), "grads": grads}
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
+def _worker(rank: int, world: int, store: str, out: str, lora_r: int) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        tr = _trainer(os.path.join(out, f"rank{rank}"))
+        tr = _trainer(os.path.join(out, f"rank{rank}"), lora_r=lora_r)
         results = {n: _step(tr, n, rank, world) for n in STEP_SIZES}
         if rank == 0:
             torch.save(results, os.path.join(out, "ranks.pt"))
@@ -51,10 +59,12 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file:// rendezvous and fork start method")
-def test_two_ranks_equal_one_process_with_empty_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("lora_r", [0, 4])  # 4: LoRA adapters under DDP (frozen base, adapters and head trained)
+def test_two_ranks_equal_one_process_with_empty_ranks(tmp_path, lora_r):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), lora_r), nprocs=2, join=True)
     got = torch.load(tmp_path / "ranks.pt")
-    tr = _trainer(tmp_path / "single")
+    tr = _trainer(tmp_path / "single", lora_r=lora_r)
+    assert any("lora_A" in k for k in got[1]["grads"]) == bool(lora_r)
     for n in STEP_SIZES:
         want = _step(tr, n, 0, 1)
         rc, rr = _rewards(tr, n)
@@ -68,7 +78,7 @@ def test_two_ranks_equal_one_process_with_empty_ranks(tmp_path):
 def _rewards(tr, n):
     from fastrm.packing import pack_pairs
 
-    r = tr.model(pack_pairs(tr.train_pairs[:n]))
+    r = tr.model(pack_pairs(tr.train_pairs[-n:]))
     return r[:n], r[n:]
 
 
@@ -98,7 +108,7 @@ def test_gradient_passes_make_no_host_sync(tmp_path, monkeypatch):
             elif any("transformers/masking_utils" in f.filename for f in stack):
                 theirs.append(_name)
             else:
-                ours.append((_name, "/fastrm/" in stack[-1].filename))
+                ours.append((_name, stack[-1].filename.startswith(FASTRM_DIR)))
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)

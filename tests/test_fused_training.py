@@ -62,3 +62,57 @@ def test_fused_step_equals_reference_step(data, preset, case, tmp_path, monkeypa
     torch.testing.assert_close(metrics["true"], metrics["false"], rtol=1e-5, atol=1e-5)
     for n, g in grads["false"].items():
         torch.testing.assert_close(grads["true"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_kind_the_kernel_lacks_falls_back_to_the_pytorch_loss(data, tmp_path, monkeypatch):
+    """A loss kind that fastrm.losses defines and the fused kernel does not implement trains through the PyTorch loss
+    (same gradients as fused=False, one warning for the run), instead of failing on a GPU."""
+    import warnings
+
+    import fastrm_kernels.pairwise_loss as P
+    import fastrm_kernels.reward_head_loss as K
+
+    import fastrm.model as M
+
+    monkeypatch.setattr(P, "FUSED_KINDS", P.FUSED_KINDS - {"threshold"})  # as if the kernel lacked the paper's rule
+    monkeypatch.setattr(M, "_WARNED_UNFUSED", set())
+    calls = []
+    real = K.reward_head_loss
+    monkeypatch.setattr(K, "reward_head_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok, pairs = data
+    grads, warned = {}, {}
+    for fused in ("false", "true"):
+        torch.manual_seed(0)
+        model = RewardModel.from_config("tiny-llama")
+        args = RewardConfig(
+            output_dir=str(tmp_path),
+            progress=False,
+            pairs_per_step=24,
+            max_tokens_per_batch=600,
+            loss="threshold",
+            fused_head=fused,
+        )
+        tr = RewardTrainer(model, args, pairs, tokenizer=tok)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            tr.accumulate_gradients(pairs, len(pairs))
+            grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            tr.accumulate_gradients(pairs, len(pairs))  # the warning is given once, not per micro-batch or step
+        warned[fused] = [str(w.message) for w in seen if "lacks loss" in str(w.message)]
+    assert calls == [], "the kernel ran for a kind it lacks"
+    assert warned == {"false": [], "true": [warned["true"][0]]} and "'threshold'" in warned["true"][0], warned
+    for n, g in grads["false"].items():
+        torch.testing.assert_close(grads["true"][n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_a_new_loss_kind_is_no_import_error():
+    """fastrm.losses gaining a kind before the kernel does must not stop the kernels from importing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fastrm.losses as L; L.LOSS_KINDS = (*L.LOSS_KINDS, 'new_kind');"
+        "import fastrm_kernels.pairwise_loss as P; assert 'new_kind' not in P.FUSED_KINDS, P.FUSED_KINDS;"
+        "assert P.FUSED_KINDS == {'bt', 'margin', 'batch_mean', 'threshold'}, P.FUSED_KINDS"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})

@@ -8,10 +8,7 @@ Budget: about 2-3 minutes on 2 CPU cores (Ray process start-up dominates: each T
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train")
 
-from ray_nodes import TEST_ENV, RayNode, wait_for  # noqa: E402
+from ray_nodes import TEST_ENV, JobHead  # noqa: E402
 
 from fastrm.config import RewardConfig  # noqa: E402
 from fastrm.loading import load_model  # noqa: E402
@@ -97,11 +94,29 @@ EVAL_CASE = "threshold"  # trained with eval data: the sharded eval must equal o
 
 
 def _train_many(config: dict) -> None:
-    """One worker group, several trainings in a row (start-up dominates the cost of a run)."""
+    """One worker group, several trainings in a row (start-up dominates the cost of a run); then rank 0 saves what
+    its node's Ray metrics endpoint serves (what Prometheus scrapes) once fastrm's gauges are in it."""
+    import urllib.request
+
+    import ray.train
+
     from fastrm.ray_train import train_worker
 
     for run in config["runs"]:
         train_worker(run)
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    # Exported every max(RAY_metrics_report_interval_ms, 1 s): after 2.5 s the last values are out, and they stay
+    # (fastrm re-sets them; Ray drops a series two intervals after its last set).
+    time.sleep(2.5)
+    text, deadline = "", time.monotonic() + 60
+    while "ray_fastrm_eval_accuracy{" not in text and time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        time.sleep(0.5)
+    Path(config["metrics_out"]).write_text(text)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +126,7 @@ def ray_local():
     with pytest.MonkeyPatch.context() as mp:  # the local cluster's processes inherit this environment
         for k, v in TEST_ENV.items():
             mp.setenv(k, v)
+        mp.setenv("RAY_metrics_report_interval_ms", "500")  # metrics reach the node's endpoint within 0.5 s
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             yield
@@ -144,11 +160,31 @@ def ddp_runs(ray_local, tmp_path_factory):
         num_workers=2,
         train_loop=_train_many,
         runs=runs,
+        metrics_out=str(base / "prometheus.txt"),
         storage_path=str(base / "ray"),
         collective_timeout_s=120,
     )
     assert result.error is None
     return {case: Path(result.path) / case for case in ALL_CASES}
+
+
+def _gauge(text: str, name: str) -> float:
+    """The value of fastrm gauge ``name`` (tagged run="fastrm") in Prometheus exposition text; one series only."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"ray_{name}{{")]
+    assert len(values) == 1 and 'run="fastrm"' in text, (name, values)  # rank 0 only: one series, not one per rank
+    return values[0]
+
+
+def test_training_metrics_reach_rays_prometheus_endpoint(ddp_runs):
+    """Loss, accuracy, margin and throughput of the last logged step (and the last eval) as gauges on the node's
+    Ray metrics endpoint while the run's workers live: what the dashboard's Prometheus/Grafana read."""
+    text = (ddp_runs[EVAL_CASE].parents[2] / "prometheus.txt").read_text()  # base/ray/<run>/<case>
+    last = _metrics(ddp_runs[list(ALL_CASES)[-1]])[-1]  # the worker's last training: its gauges hold
+    for key in ("loss", "accuracy", "mean_margin", "tokens_per_s", "lr", "step"):
+        assert _gauge(text, f"fastrm_train_{key}") == pytest.approx(last[key], rel=1e-6), key
+    [ev] = _metrics(ddp_runs[EVAL_CASE], "eval")
+    assert _gauge(text, "fastrm_eval_accuracy") == pytest.approx(ev["accuracy"], rel=1e-6)
+    assert _gauge(text, "fastrm_eval_bt_loss") == pytest.approx(ev["bt_loss"], rel=1e-6)
 
 
 def _reference(case: str, out: Path, **kw) -> dict[str, torch.Tensor]:
@@ -261,13 +297,22 @@ def rm_checkpoint(tmp_path_factory) -> Path:
 
 
 VALID = [
-    {"prompt": "Say something about Ada.\n", "responses": [" Ada is kind.", " Ada is rude.", " Ada? Always so warm."]},
-    {"prompt": "One answer only.\n", "responses": [" The only one."]},  # N = 1
-    {"prompt": "Ties.\n", "responses": [" same", " same", " same"]},  # all tied: the first index wins
-    {"prompt": "", "responses": [" no prompt at all", " still fine"]},
-    {"prompt": "Many.\n", "responses": [f" candidate number {j}" for j in range(40)]},  # > one micro-batch
-    {"prompt": "Dup.\n", "responses": [" other", " dup", " dup"]},
-] + [{"prompt": f"Q{i}?\n", "responses": [f" answer {j} to {i}" for j in range(1 + i % 5)]} for i in range(8)]
+    {
+        "id": 0,
+        "prompt": "Say something about Ada.\n",
+        "responses": [" Ada is kind.", " Ada is rude.", " Ada? Always so warm."],
+        "meta": {"lang": "en", "n": 3},  # other fields are kept (before or after prompt/responses in the input)
+    },
+    {"prompt": "One answer only.\n", "responses": [" The only one."], "id": 1},  # N = 1
+    {"prompt": "Ties.\n", "responses": [" same", " same", " same"], "id": 2},  # all tied: the first index wins
+    {"prompt": "", "responses": [" no prompt at all", " still fine"]},  # no id: none in its output row
+    {"prompt": "Many.\n", "responses": [f" candidate number {j}" for j in range(40)], "id": 4},  # > a micro-batch
+    {"prompt": "Dup.\n", "responses": [" other", " dup", " dup"], "id": 5},
+]
+VALID += [
+    {"prompt": f"Q{i}?\n", "responses": [f" answer {j} to {i}" for j in range(1 + i % 5)], "id": 6 + i}
+    for i in range(8)
+]
 
 BAD = {  # line text -> expected words in the reason
     "{not json": "invalid JSON",
@@ -277,6 +322,7 @@ BAD = {  # line text -> expected words in the reason
     json.dumps({"prompt": "p", "responses": "abc"}): "'responses'",
     json.dumps({"prompt": "p", "responses": ["fine", ""]}): "responses[1]': expected a non-empty string",
     json.dumps([1, 2]): "JSON object",
+    json.dumps({"prompt": "p", "responses": ["a"], "scores": [1.0]}): "'scores': a column best-of-N writes itself",
 }
 
 
@@ -329,6 +375,11 @@ def test_best_of_n_matches_in_process_scoring(ray_local, rm_checkpoint, tmp_path
 
     # Input order kept; every bad row is in the errors file with its line and reason, and only there.
     assert [(r["prompt"], r["responses"]) for r in out] == [(r["prompt"], r["responses"]) for r in VALID]
+    # Each row's other fields kept as they were, right after prompt and responses.
+    assert [{k: r[k] for k in ("id", "meta") if k in r} for r in out] == [
+        {k: r[k] for k in ("id", "meta") if k in r} for r in VALID
+    ]
+    assert list(out[0])[:5] == ["prompt", "responses", "id", "meta", "source"]
     assert sorted(int(e["source"].rsplit(":", 1)[1]) for e in errors) == sorted(bad_lines)
     for e in errors:
         assert BAD[bad_lines[int(e["source"].rsplit(":", 1)[1])]] in e["reason"], e
@@ -368,83 +419,42 @@ def _dashboard_missing() -> str | None:
     reason="the job server needs ray[default] (aiohttp, grpcio, ...): pip install 'ray[default]'",
 )
 def test_job_submit_best_of_n(rm_checkpoint, tmp_path):
-    """ray start --head + JobSubmissionClient + ray_jobs/best_of_n.py on a datasets folder, Parquet output.
-
-    Issue 18 saw this fail once under load. What it waits for is now a condition, never a guess: the head picks
-    its own ports (``--dashboard-port=0``; a port probed free and then bound by the head could be taken in between
-    by another test run on the machine, and the dashboard then silently moves to the next port) and prints the job
-    server's address; a submission the head answers with "No available agent" (its job agent registers a few
-    seconds after the HTTP server, longer on a loaded machine) is resubmitted under the same submission id until
-    accepted. Each wait has its own bound and its own message, sized for a machine shared with other test runs
-    (idle 2-core machine: ~7 s, ~5 s and ~40 s): head start-up 300 s, agent ready 120 s, the job 300 s.
-    """
+    """ray start --head + JobSubmissionClient + ray_jobs/best_of_n.py on a datasets folder, Parquet output: the
+    rows' other columns (``id``, a struct ``meta``) come back as typed columns. Issue 18 saw this fail once under
+    load: every wait is now a condition with its own bound (see ray_nodes.JobHead; idle 2-core machine ~7 s, ~5 s
+    and ~40 s)."""
     import datasets
     import pyarrow.parquet as pq
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     from fastrm.model import RewardModel
     from fastrm.scoring import score_rows
 
     ray.shutdown()  # the module's local Ray (if any) must not run beside the head
-    rows = VALID[:4] + [{"prompt": "p", "responses": ["ok", ""]}] + VALID[4:7]
+    rows = VALID[:4] + [{"prompt": "p", "responses": ["ok", ""], "id": 99}] + VALID[4:7]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
-    # Its own temp dir: the head's session files and ray_current_cluster stay out of /tmp/ray (short path: sockets).
-    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-    # No token auth on this private head (TEST_ENV; dashboard on 127.0.0.1): the test is about job submission, and a
-    # client would otherwise need RAY_AUTH_MODE=token whenever ~/.ray/auth_token exists (see ray_jobs/README.md).
-    env = {**os.environ, **TEST_ENV}
-    env.pop("RAY_ADDRESS", None)
-    head = RayNode(
-        tmp_path / "head.log",
-        "--head",
-        "--num-cpus=2",
-        "--port=0",
-        "--dashboard-port=0",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        f"--temp-dir={temp_dir}",
-        env=env,
-        temp_dir=temp_dir,
-    )
     out = tmp_path / "best.parquet"
+    head = JobHead(tmp_path / "head.log")  # bounds: head start-up 300 s, agent ready 120 s, the job 300 s
     try:
-        head.wait_started(300)
-        client = JobSubmissionClient(head.api_address())
-        submission_id = f"fastrm-bon-{os.getpid()}-{time.monotonic_ns()}"
-
-        def submitted() -> bool:
-            try:
-                client.submit_job(
-                    submission_id=submission_id,
-                    entrypoint=f"{sys.executable} ray_jobs/best_of_n.py --model {rm_checkpoint} "
-                    f"--input {tmp_path / 'ds'} --output {out} --num-actors 1 --batch-size 4 --top-k 2",
-                    runtime_env={"working_dir": str(ROOT), "excludes": [".git", "runs", "benchmarks/results"]},
-                )
-            except RuntimeError as e:
-                if "No available agent" in str(e):
-                    return False  # the head's job agent has not registered yet: it says "try again later"
-                raise
-            return True
-
-        wait_for(submitted, 120, "the head's job agent accepting a submission", interval_s=2)
-        final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
-        try:
-            status = wait_for(
-                lambda: (st := client.get_job_status(submission_id)) in final and st, 300, "the job", interval_s=2
-            )
-        except TimeoutError as e:
-            raise AssertionError(f"{e}; job log tail:\n{client.get_job_logs(submission_id)[-3000:]}") from None
-        logs = client.get_job_logs(submission_id)
+        job = head.submit(
+            f"{sys.executable} ray_jobs/best_of_n.py --model {rm_checkpoint} "
+            f"--input {tmp_path / 'ds'} --output {out} --num-actors 1 --batch-size 4 --top-k 2",
+            runtime_env={"working_dir": str(ROOT), "excludes": [".git", "runs", "benchmarks/results"]},
+            prefix="fastrm-bon",
+        )
+        status, logs = head.wait(job), head.logs(job)
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
         assert "scored 7 rows" in logs
     finally:
         head.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     got = pq.read_table(out).to_pylist()
     errors = [json.loads(x) for x in (tmp_path / "best.errors.jsonl").read_text().splitlines()]
     assert [e["source"] for e in errors] == ["dataset[4]"] and "empty string" in errors[0]["reason"]
     want_rows = rows[:4] + rows[5:]
     assert [r["prompt"] for r in got] == [r["prompt"] for r in want_rows]
+    schema = pq.read_schema(out)  # the other columns, typed: an int, a struct (null where a row had none)
+    assert schema.names[:4] == ["prompt", "responses", "id", "meta"] and str(schema.field("id").type) == "int64"
+    assert [(r["id"], r["meta"]) for r in got] == [(r.get("id"), r.get("meta")) for r in want_rows]
     model = RewardModel.from_pretrained(rm_checkpoint)
     ref = score_rows(model, [dict(r) for r in want_rows], tokenizer=model.tokenizer, top_k=2)
     _check_scores(got, ref)

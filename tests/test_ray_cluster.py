@@ -167,6 +167,78 @@ def test_resources_and_worker_environment():
         cluster.worker_env(["MISSING"], env)
 
 
+def test_a_rendezvous_that_cannot_connect_names_the_interface_variables():
+    """The failure issue 32 saw (hostname -> 127.0.0.1 on a multi-node CPU cluster), as Ray Train wraps it."""
+    try:
+        try:
+            raise RuntimeError(
+                "Gloo connectFullMesh failed with [../third_party/gloo/gloo/transport/tcp/pair.cc:144] "
+                "Connection refused, remote=[127.0.0.1]:41023"
+            )
+        except RuntimeError as inner:
+            raise ValueError("Training failed due to worker errors: rank 1 (see the worker log)") from inner
+    except ValueError as e:
+        hint = cluster.rendezvous_hint(e, {})
+    assert "\n" not in hint and "Gloo connectFullMesh failed" in hint and "remote=[127.0.0.1]" in hint
+    assert "GLOO_SOCKET_IFNAME unset" in hint and "--worker-env GLOO_SOCKET_IFNAME=eth0" in hint
+    assert "does not reach the job" in hint
+    # What a worker group with --worker-env GLOO_SOCKET_IFNAME=bogus0 raises (seen through run_training on Ray 2.60).
+    bogus = RuntimeError(
+        "[enforce fail at /__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/device.cc:84] ifa != nullptr. "
+        "Unable to find address for: bogus0"
+    )
+    hint = cluster.rendezvous_hint(bogus, {"GLOO_SOCKET_IFNAME": "bogus0"})
+    assert "(Unable to find address for: bogus0)" in hint and "the workers had GLOO_SOCKET_IFNAME=bogus0" in hint
+    nccl = RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error")
+    assert "NCCL_SOCKET_IFNAME" in cluster.rendezvous_hint(nccl, {})
+    assert cluster.rendezvous_hint(RuntimeError("CUDA out of memory"), {}) is None
+
+
+def test_best_of_n_output_keeps_other_fields_and_refuses_mixed_parquet_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastrm.data import DataError
+    from fastrm.ray_bon import _Writer
+
+    cols = ["prompt", "responses", "extra", "source"]
+    schema = pa.schema([("prompt", pa.string()), ("responses", pa.list_(pa.string())), ("extra", pa.string())])
+    schema = schema.append(pa.field("source", pa.string()))
+
+    def batch(*extras):
+        n = len(extras)
+        return pa.table({"prompt": ["p"] * n, "responses": [["a"]] * n, "extra": list(extras), "source": ["s"] * n})
+
+    w = _Writer(str(tmp_path / "out.jsonl"), cols, schema)
+    w.write(batch('{"id": 7, "meta": {"k": [1, 2]}}', None))
+    w.commit()
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert got == [
+        {"prompt": "p", "responses": ["a"], "id": 7, "meta": {"k": [1, 2]}, "source": "s"},
+        {"prompt": "p", "responses": ["a"], "source": "s"},
+    ]
+    assert list(got[0]) == ["prompt", "responses", "id", "meta", "source"]
+
+    w = _Writer(str(tmp_path / "out.parquet"), cols, schema)
+    w.write(batch('{"id": 1}', None))  # types unified over batches: null, then int and float -> double
+    w.write(batch('{"id": 2.5, "tag": "x"}'))
+    w.commit()
+    t = pq.read_table(tmp_path / "out.parquet")
+    assert t.schema.names == ["prompt", "responses", "id", "tag", "source"]
+    assert str(t.schema.field("id").type) == "double"
+    assert t.column("id").to_pylist() == [1.0, None, 2.5] and t.column("tag").to_pylist() == [None, None, "x"]
+
+    w = _Writer(str(tmp_path / "mixed.parquet"), cols, schema)
+    w.write(batch('{"id": 1}'))
+    w.write(batch('{"id": "a-1"}'))
+    with pytest.raises(DataError, match=r"mixed.parquet: the input's other fields cannot be Parquet.*id.*\.jsonl"):
+        try:
+            w.commit()
+        finally:
+            w.close()
+    assert not list(tmp_path.glob("*mixed*"))  # nothing half-written left behind
+
+
 # ----------------------------------------------------------------------------------------------- two nodes
 
 
@@ -335,8 +407,13 @@ def test_node_local_paths_are_refused_with_the_node_named(two_nodes):
         pytest.skip("no mount namespace on this machine (needs root or unprivileged user namespaces)")
     b = two_nodes["node_b"][:8]
     kw = dict(model="tiny-llama", tokenizer="byte", num_workers=2, node_check_timeout_s=60)
-    with pytest.raises(cluster.ClusterError, match=rf"{private / 'storage'} is not shared.*node {b}"):
+    with pytest.raises(cluster.ClusterError, match=rf"--storage-path {private / 'storage'} is not shared.*node {b}"):
         run_training(_config(private / "out"), data=synthetic_pairs(8), storage_path=str(private / "storage"), **kw)
+    # Only --output-dir given: the error names the flag the user gave (the default storage path is the output dir).
+    with pytest.raises(
+        cluster.ClusterError, match=rf"^--output-dir {private / 'out'} \(the default --storage-path\) is not shared"
+    ):
+        run_training(_config(private / "out"), data=synthetic_pairs(8), **kw)
     local = private / "pairs.jsonl"
     local.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
     with pytest.raises(cluster.ClusterError, match=rf"--data.*node {b}.*{local}"):
@@ -345,6 +422,19 @@ def test_node_local_paths_are_refused_with_the_node_named(two_nodes):
     with pytest.raises(cluster.ClusterError, match=rf"--model.*node {b}.*{private / 'rm'}"):
         run_best_of_n(str(local), str(private / "bon.jsonl"), str(private / "rm"), node_check_timeout_s=60)
     assert not (two_nodes["shared"] / "out").exists()  # refused before anything was written
+
+
+def test_start_up_says_which_interface_the_workers_rendezvous_uses(two_nodes):
+    """`ray job submit` does not pass the submitting shell's environment on: the run says, per node, what the
+    workers will have (each node's environment plus --worker-env), checked from a task in that environment."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        assert var not in os.environ  # the nodes inherited this environment
+    unset = cluster.worker_network_report({}, "gloo", 120)
+    assert unset.startswith("fastrm: GLOO_SOCKET_IFNAME is not set for the workers on 2 of 2 nodes (")
+    assert "hostname -> " in unset and "--worker-env GLOO_SOCKET_IFNAME=<interface>" in unset
+    assert "does not reach the job" in unset and "\n" not in unset
+    given = cluster.worker_network_report({"GLOO_SOCKET_IFNAME": "lo"}, "gloo", 120)
+    assert given == "fastrm: the workers' GLOO_SOCKET_IFNAME is lo on all 2 nodes"
 
 
 def test_best_of_n_runs_an_actor_on_each_node(two_nodes, tmp_path):

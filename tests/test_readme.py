@@ -1,5 +1,6 @@
 """Every command and code block of the README runs as written, in a fresh folder beside ../shared as a user's clone
-is (only step counts are made small: --pairs for the demo, --max-steps for training, --limit for RM-Bench).
+is (only step counts are made small: --pairs for the demo, --max-steps for training, --limit for RM-Bench and
+fastrm paradox).
 
 Skipped on purpose: the install lines and `python -m pytest` (this is the test run). `fastrm serve` is started in
 the background and the README's curl is sent to it."""
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("python3 -m venv", "pip install", "python -m pytest")
 SMALL = {  # command prefix -> what is appended so the README's commands finish in CI time
     "fastrm demo": ["--pairs", "256"],
+    "fastrm train --data synth/noisy.jsonl": ["--max-steps", "4", "--save-steps", "2"],  # before "fastrm train"
+    "fastrm paradox": ["--limit", "16"],
     "fastrm train": ["--max-steps", "3"],
     "fastrm bench --model runs/hh rm-bench": ["--limit", "8"],
 }
@@ -102,6 +105,8 @@ def test_readme_runs_as_written(user_dir):
     hh = user_dir / "runs" / "hh"
     assert (hh / "model.safetensors").exists() and (hh / "skipped_rows_train.jsonl").exists()
     assert (hh / "eval-harmless-base_test" / "eval_metrics.json").exists()
+    paradox = json.loads((user_dir / "runs" / "paradox" / "noisy" / "paradox_report.json").read_text())
+    assert [m["name"] for m in paradox["models"]] == ["checkpoint-2", "checkpoint-4"]
     scored = json.loads((user_dir / "scored.jsonl").read_text().splitlines()[0])
     assert set(scored) >= {"scores", "best_index", "best_response"}
 

@@ -1,8 +1,9 @@
-"""The reward server over real HTTP on a free loopback port: rewards equal offline ``fastrm.score`` (both endpoints),
+"""The reward server over real HTTP on a free loopback port: rewards equal offline ``fastrm.score`` (every endpoint),
 concurrent clients get their own answers, bad requests get a 4xx naming the field and the server keeps serving."""
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,57 +11,18 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+pytest_plugins = ["serve_helpers"]  # the ckpt and offline fixtures
+pytest.register_assert_rewrite("serve_helpers")
+
+from serve_helpers import AUTH, JSON, KEY, LIMITS, TOL, ServerThread, close, post  # noqa: E402
 
 from fastrm import cli  # noqa: E402
-from fastrm.loading import load_model, load_tokenizer  # noqa: E402
-from fastrm.scoring import score  # noqa: E402
-from fastrm.serve import RewardService, ServeConfig, create_app, listen  # noqa: E402
+from fastrm.serve import RewardService, ServeConfig  # noqa: E402
 from fastrm.synthetic import byte_tokenizer  # noqa: E402
-
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_LENGTH = 64  # small, so that truncation is easy to reach
-LIMITS = dict(max_length=MAX_LENGTH, max_batch_tokens=512, max_wait_ms=20, max_responses=64, max_body_bytes=65536)
-TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve") / "rm"
-    load_model("tiny-llama", tokenizer=tok).save_pretrained(path, tokenizer=tok)
-    return path
-
-
-@pytest.fixture(scope="module")
-def offline(ckpt):
-    """Offline scoring of the same checkpoint, as a user would: ``score(model, prompts, responses)``."""
-    model, tok = load_model(ckpt).eval(), load_tokenizer(None, ckpt)
-    return lambda prompts, responses: score(model, prompts, responses, tokenizer=tok, max_length=MAX_LENGTH)
-
-
-class ServerThread:
-    """uvicorn in a background thread on an already-listening loopback socket (clients may connect at once)."""
-
-    def __init__(self, service: RewardService):
-        self.service = service
-        self.sock = listen("127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-        assert not self.thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +32,6 @@ def server(ckpt):
         yield srv
     finally:
         srv.stop()
-
-
-def post(server, path: str, body, headers=AUTH, **kw) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + path, content=content, headers=headers, timeout=60, **kw)
-
-
-def close(got, want) -> bool:
-    return len(got) == len(want) and all(abs(a - b) <= TOL for a, b in zip(got, want))
 
 
 PROMPTS = ["Say something about Ada.\n", "", "Q?", "x" * 100]
@@ -106,10 +59,35 @@ def test_get_reward_with_prompts_equals_offline_score(server, offline):
     r = post(server, "/get_reward", body)
     assert r.status_code == 200, r.text
     out = r.json()
-    # OpenRLHF reads rewards, scores (falls back to rewards) and extra_logs
-    assert set(out) == {"rewards", "scores", "extra_logs"} and out["scores"] == out["rewards"]
+    # OpenRLHF reads rewards, scores (falls back to rewards) and extra_logs; "split" says the last query did not
+    # start with its prompt, so it was tokenized whole
+    assert set(out) == {"rewards", "scores", "extra_logs", "split"} and out["scores"] == out["rewards"]
+    assert out["split"] == ["prompt", "prompt", "prompt", "whole"]
     want = [offline(p, [r.removesuffix(eos)])[0] for p, r in pairs[:3]] + offline("", [queries[3]])
     assert close(out["rewards"], want), (out["rewards"], want)
+    r = post(server, "/get_reward", {"query": queries[:3], "prompts": prompts[:3]})
+    assert "split" not in r.json() and close(r.json()["rewards"], want[:3])
+
+
+def test_queries_without_prompts_are_split_as_training_splits_rows_without_one(server, offline):
+    """An HH-RLHF transcript is split at its last "\n\nAssistant:" (as training does); other text is one sequence.
+    /get_reward without prompts and vLLM's /classify (what verl calls) agree with offline scoring of that split."""
+    hh = [
+        ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?", "\n\nAssistant:", " yes"),
+        ("\n\nHuman: x", "\n\nAssistant:", " y"),
+    ]
+    texts = [a + b + c for a, b, c in hh] + ["no marker here"]
+    want = [offline(a + b, [c])[0] for a, b, c in hh] + offline("", [texts[2]])
+    out = post(server, "/get_reward", {"query": texts}).json()
+    assert out["split"] == ["assistant_marker", "assistant_marker", "whole"]
+    assert close(out["rewards"], want), (out["rewards"], want)
+    raw = post(server, "/classify", {"model": "rm", "input": texts, "activation": False}).json()
+    assert [d["index"] for d in raw["data"]] == [0, 1, 2] and raw["model"] == "rm" and raw["object"] == "list"
+    assert close([d["probs"][0] for d in raw["data"]], want) and raw["split"] == out["split"]
+    assert raw["usage"]["prompt_tokens"] == raw["usage"]["total_tokens"] > sum(map(len, texts))  # + EOS each
+    # vLLM's default (activation on): the sigmoid of the reward; a single string input is one item
+    squashed = post(server, "/classify", {"input": texts[0]}).json()["data"]
+    assert len(squashed) == 1 and abs(squashed[0]["probs"][0] - 1 / (1 + math.exp(-want[0]))) < TOL
 
 
 def test_get_reward_without_prompts_equals_whole_query_scoring(server, offline):
@@ -120,7 +98,7 @@ def test_get_reward_without_prompts_equals_whole_query_scoring(server, offline):
     assert r.status_code == 200, r.text
     want = [offline("", [q])[0] for q in queries]
     assert close(r.json()["rewards"], want)
-    assert r.json()["truncated"] == [False] * 10 + [True]
+    assert r.json()["truncated"] == [False] * 10 + [True] and r.json()["split"] == ["whole"] * 11
 
 
 def test_32_concurrent_clients_get_their_own_answers(server, offline):
@@ -168,6 +146,24 @@ BAD = [  # (endpoint, body, status, field)
     ("/get_reward", {"query": ["Q? a"], "prompts": ["Q?", "R?"]}, 400, "prompts"),
     ("/get_reward", {"query": ["Q? a"], "prompts": [5]}, 400, "prompts[0]"),
     ("/get_reward", {"query": ["Q? a"] * 65}, 413, "query"),
+    # invalid Unicode (a lone surrogate: json.loads accepts it, no tokenizer can encode it), named by field
+    ("/score", b'{"prompts": ["Q?"], "responses": [[" a\\ud800"]]}', 400, "responses[0][0]"),
+    ("/get_reward", b'{"query": ["\\udfff"]}', 400, "query[0]"),
+    ("/score", b'{"prompts": ["Q?"], "responses": [[" \xff"]]}', 400, "body"),  # not UTF-8
+    # nested too deep: a 400, not a RecursionError
+    (
+        "/score",
+        b'{"prompts": ["Q?"], "responses": [[" a"]], "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        400,
+        "body",
+    ),
+    ("/get_reward", {"query": ["Q? a"], "labels": [[[[["deep", {"ok": 1}]]]]]}, 200, None),  # labels: ignored
+    ("/score", {"prompts": ["Q?"], "responses": [["x" * 60 + str(i) for i in range(40)]]}, 413, "responses"),  # tokens
+    ("/classify", {"model": "m"}, 400, "input"),
+    ("/classify", {"input": [3]}, 400, "input[0]"),
+    ("/classify", {"input": []}, 400, "input"),
+    ("/classify", {"input": "Q? a", "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("/classify", {"input": "Q? a", "use_activation": "no"}, 400, "use_activation"),
 ]
 
 
@@ -175,13 +171,14 @@ BAD = [  # (endpoint, body, status, field)
 def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_keeps_serving(server, endpoint, body, status, field):
     r = post(server, endpoint, body)
     assert r.status_code == status, r.text
-    assert r.json()["field"] == field and r.json()["error"]
+    if status != 200:
+        assert r.json()["field"] == field and r.json()["error"] and r.json()["request_id"] == r.headers["x-request-id"]
     assert post(server, "/score", GOOD).status_code == 200
 
 
 def test_a_streamed_body_over_the_limit_is_refused_while_reading(server):
     chunks = (b" " * 8192 for _ in range(10))  # no Content-Length: chunked transfer, 80 KiB > 64 KiB
-    r = httpx.post(server.url + "/score", content=chunks, headers=AUTH, timeout=60)
+    r = httpx.post(server.url + "/score", content=chunks, headers={**AUTH, **JSON}, timeout=60)
     assert r.status_code == 413 and r.json()["field"] == "body"
     assert post(server, "/score", GOOD).status_code == 200
 
@@ -189,7 +186,16 @@ def test_a_streamed_body_over_the_limit_is_refused_while_reading(server):
 def test_bearer_token_health_and_metrics(server):
     assert post(server, "/score", GOOD, headers={}).status_code == 401
     assert post(server, "/get_reward", {"query": ["a"]}, headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"  # no token: for load balancers
+    # no token: the status only, for load balancers; with it, the details too
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
+    assert set(httpx.get(server.url + "/health", headers=AUTH, timeout=10).json()) == {
+        "status",
+        "model",
+        "device",
+        "scoring_rule",
+        "scoring",
+        "uptime_s",
+    }
     assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
     text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=10).text
     for name in ("fastrm_requests_total", "fastrm_responses_total", "fastrm_responses_per_second"):
@@ -233,14 +239,27 @@ def test_fastrm_serve_command_answers_the_readme_curl(ckpt, offline):
 
 
 def test_load_test_smoke(tmp_path):
-    """benchmarks/bench_serve.py still runs (tiny settings; its numbers are not checked, its consistency is)."""
+    """benchmarks/bench_serve.py still runs: fastrm serve and both baselines, both traffic shapes, the head-of-line
+    test (tiny settings: its numbers are not checked, its consistency is: the three servers agree on rewards)."""
     out = tmp_path / "serve.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
     p = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert [lv["clients"] for lv in res["batched"]] == [1, 4]
-    assert all(lv["requests"] == 16 and lv["errors"] == 0 and lv["p99_ms"] > 0 for lv in res["batched"])
-    assert res["max_abs_reward_diff_vs_one_at_a_time"] <= 1e-4 and res["meta"]["command"]
+    for shape in ("rollout", "single"):
+        for server in ("fastrm", "naive", "openrlhf"):
+            runs = res["levels"][shape][server]
+            assert [r["clients"] for r in runs] == [1, 4]
+            assert all(r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] > 0 for r in runs), (shape, server)
+        assert set(res["ratios"][shape]["4"]) == {"vs_naive", "vs_openrlhf"}
+    assert set(res["head_of_line"]) == {"fastrm", "naive", "openrlhf"}
+    assert 0 <= res["head_of_line"]["fastrm"]["departed_large_responses_scored"] <= 16
+    assert res["max_abs_reward_diff_across_servers_and_levels"] <= 1e-4 and res["meta"]["load_average_at_start"]
+    assert (
+        "| rollout | 4 |"
+        in subprocess.run(
+            [sys.executable, str(script), "--table", str(out)], capture_output=True, text=True, check=True
+        ).stdout
+    )

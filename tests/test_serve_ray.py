@@ -55,3 +55,21 @@ def test_ray_serve_deployment_answers_like_offline_scoring(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_serve_rm_entry_point_reports_bad_flags_in_one_line(capsys, monkeypatch):
+    """ray_jobs/serve_rm.py uses fastrm's one error policy (fastrm.cli.run_user_facing): a refused setting is one
+    line and exit status 1, before any Ray cluster starts; --debug shows the traceback instead."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "ray_jobs" / "serve_rm.py"
+    spec = importlib.util.spec_from_file_location("serve_rm", path)
+    serve_rm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_rm)
+    monkeypatch.delenv("FASTRM_API_KEY", raising=False)
+    assert serve_rm.cli(["--model", "runs/none", "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("serve_rm.py: error: --host 0.0.0.0 is reachable") and "Traceback" not in err
+    with pytest.raises(ValueError, match="--api-key"):
+        serve_rm.cli(["--model", "runs/none", "--host", "0.0.0.0", "--debug"])

@@ -72,6 +72,50 @@ def test_micro_scope_is_different_from_step_scope(tmp_path, byte_pairs):
     assert not torch.allclose(g_micro, tr.model.score.weight.grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(loss="threshold"),
+        dict(loss="batch_mean", detach_mean=False),
+        dict(loss="threshold", detach_mean=False, prefix_sharing=True),
+        dict(loss="threshold", gradient_checkpointing=True),
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_kept_graphs_give_the_extra_forward_step_with_one_forward_per_micro_batch(tmp_path, byte_pairs, case):
+    """Step-wide mu_B from the kept forward graphs equals the extra no-grad pass (mu, loss sums, gradients), and runs
+    the backbone once per micro-batch instead of twice."""
+    tok, pairs = byte_pairs
+    got = {}
+    for keep in (False, True):
+        tr = tiny_trainer(
+            tmp_path, pairs, tok, pairs_per_step=48, max_tokens_per_batch=300, mu_keep_graphs=keep, **case
+        )
+        calls = []
+        real = tr.model._backbone_hidden
+        tr.model._backbone_hidden = lambda b, calls=calls, real=real: calls.append(1) or real(b)
+        r = tr.accumulate_gradients(pairs, len(pairs))
+        assert r["step_mu"] and r["micro_batches"] > 2
+        assert len(calls) == r["micro_batches"] * (1 if keep else 2), (keep, len(calls))
+        got[keep] = (r["mu"], r["sums"], {n: p.grad.clone() for n, p in tr.model.named_parameters()})
+    # Bit for bit in the separate layout; the shared-prompt attention computes with and without grad in another
+    # order, so there the two agree to fp32 rounding (rewards differ by ~1e-8).
+    tol = dict(rtol=1e-5, atol=1e-7) if case.get("prefix_sharing") else dict(rtol=0, atol=0)
+    torch.testing.assert_close(got[True][0], got[False][0], **tol)
+    torch.testing.assert_close(got[True][1], got[False][1], **tol)
+    for n, g in got[False][2].items():
+        torch.testing.assert_close(got[True][2][n], g, **tol, msg=n)
+
+
+def test_kept_graphs_default_follows_gradient_checkpointing(tmp_path, byte_pairs):
+    tok, pairs = byte_pairs
+    for ckpt in (False, True):
+        tr = tiny_trainer(tmp_path, pairs, tok, loss="threshold", gradient_checkpointing=ckpt)
+        assert (
+            tr.objective._keep_graphs(tr, []) is ckpt
+        )  # CPU, unset: only with checkpointing (no measure of activations here)
+
+
 def test_training_on_hh_pairs_lowers_loss_and_raises_accuracy(tmp_path, neox_tokenizer, shared_data):
     path = shared_data / "hh-rlhf" / "helpful-base_test.jsonl.gz"
     pairs, stats = load_tokenized(path, neox_tokenizer, max_length=256, on_bad_row="skip")
@@ -206,5 +250,5 @@ def test_trainer_state_is_loaded_without_unpickling_code(tmp_path, byte_pairs):
 
 
 def test_config_rejects_unknown_choices():
-    with pytest.raises(ValueError, match="loss='hinge'"):
+    with pytest.raises(ValueError, match="field 'loss': expected one of bt, margin, batch_mean, threshold, got"):
         RewardConfig(loss="hinge")

@@ -4,13 +4,17 @@ CPU (exact back end, fp32) runs in CI; the `gpu` tests run the FlashAttention ba
 `python -m pytest -m gpu tests/test_varlen_lengths.py`."""
 
 import random
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastrm.model import RewardModel
 from fastrm.packing import pack_pairs, pack_prompt_responses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairs_with_lengths(lengths, vocab, seed):
@@ -23,14 +27,18 @@ def pairs_with_lengths(lengths, vocab, seed):
     ]
 
 
-def hh_lengths(tokenizer, shared_data, n, max_length=2048):
-    from fastrm.tokenization import load_tokenized
+def hh_lengths(n):
+    """(P, C, R) of n helpful-base pairs: the longest half plus a spread. From the committed lengths file
+    (benchmarks/data/hh_rlhf_lengths.json), so the device, which gets the repo and not ../shared, runs this too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import hh_lengths as lengths_file
 
-    path = shared_data / "hh-rlhf" / "helpful-base_test.jsonl.gz"
-    pairs, _ = load_tokenized(path, tokenizer, max_length=max_length, on_bad_row="skip")
-    pairs.sort(key=lambda p: -p.num_tokens)  # the longest ones, plus a spread
-    pick = pairs[: n // 2] + pairs[:: max(1, len(pairs) // (n - n // 2))][: n - n // 2]
-    return [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pick]
+    content = lengths_file.load()
+    lengths = sorted(
+        map(tuple, content["splits"]["helpful-base_test"]["pairs"]), key=lambda t: -(2 * t[0] + t[1] + t[2])
+    )
+    pick = lengths[: n // 2] + lengths[:: max(1, len(lengths) // (n - n // 2))][: n - n // 2]
+    return pick, content["vocab_size"]
 
 
 def per_sequence_rewards(model, pairs):
@@ -93,7 +101,7 @@ GPU_SHAPES = {  # reduced depth, real widths and head layouts
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", list(GPU_SHAPES))
 @pytest.mark.parametrize("backend", ["auto", "torch_varlen", "flex"])
-def test_bf16_varlen_matches_per_sequence_on_gpu(family, backend, neox_tokenizer, shared_data):
+def test_bf16_varlen_matches_per_sequence_on_gpu(family, backend):
     from transformers import AutoConfig
 
     from fastrm.attention import has_flash_attn
@@ -101,10 +109,11 @@ def test_bf16_varlen_matches_per_sequence_on_gpu(family, backend, neox_tokenizer
     if backend == "auto" and not has_flash_attn():
         backend = "torch_varlen"
     model_type, kw = GPU_SHAPES[family]
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(neox_tokenizer), **kw)
+    lengths, vocab = hh_lengths(16)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **kw)
     torch.manual_seed(0)
     model = RewardModel.from_config(cfg, attn_backend=backend).cuda().to(torch.bfloat16)
-    lengths = hh_lengths(neox_tokenizer, shared_data, 16) + [(0, 2048, 2048), (1024, 1024, 1)]
+    lengths += [(0, 2048, 2048), (1024, 1024, 1)]
     pairs = pairs_with_lengths(lengths, cfg.vocab_size, 1)
     for layout in ("separate", "shared_prompt"):
         model.zero_grad()

@@ -7,18 +7,24 @@
                             eval_dataset=ds["test"], processing_class=tokenizer)
     trainer.train(); trainer.save_model()
 
-What stays as in TRL: the arguments (``model`` as a ``*ForSequenceClassification`` model, a causal LM or a path;
-``args`` a ``trl.RewardConfig``), the datasets (standard, conversational or tokenized; the token ids are TRL's, see
-:mod:`~fastrm.integrations.trl_data`), the loss (Bradley-Terry, minus the ``margin`` column when there is one, plus
-``center_rewards_coefficient``), the logged names (``loss``, ``grad_norm``, ``learning_rate``, ``num_tokens``,
-``min_reward``/``mean_reward``/``max_reward``, ``accuracy``, ``margin``, ``epoch``; ``eval_*`` on evaluation) in
-``trainer.state.log_history``, ``report_to`` and ``output_dir/metrics.jsonl``, and the checkpoints
-(``checkpoint-N`` and ``save_model()`` folders that ``AutoModelForSequenceClassification`` and TRL load).
+TRL's own ``trl/scripts/reward.py`` runs to the end with that line added (``tests/test_trl_script.py``).
+
+What stays as in TRL: the arguments (``model`` as a ``*ForSequenceClassification`` model, a causal LM or a path
+with ``args.model_init_kwargs``, see :mod:`~fastrm.integrations.trl_model`; ``args`` a ``trl.RewardConfig``), the
+datasets (standard, conversational or tokenized; the token ids are TRL's, see :mod:`~fastrm.integrations.trl_data`),
+the loss (Bradley-Terry, minus the ``margin`` column when there is one, plus ``center_rewards_coefficient``), the
+logged names (``loss``, ``grad_norm``, ``learning_rate``, ``num_tokens``, ``min_reward``/``mean_reward``/
+``max_reward``, ``accuracy``, ``margin``, ``epoch``; ``eval_*`` on evaluation) in ``trainer.state.log_history``,
+``report_to`` and ``output_dir/metrics.jsonl``, the checkpoints (``checkpoint-N`` and ``save_model()`` folders that
+``AutoModelForSequenceClassification`` and TRL load), and the attributes scripts and callbacks use (``state``,
+``log``, ``save_model``, ``is_world_process_zero``, ``end``, and an ``accelerator`` with what they call on it).
 
 What differs: training runs on fastrm's packed batches (no padding), the config's options fastrm does not implement
-raise instead of being ignored (:mod:`~fastrm.integrations.trl_config`), the data order is fastrm's own seeded
-permutation, ``peft_config`` and custom callbacks/collators/metrics are refused, and fastrm's own settings come in
-through ``fastrm_config``::
+raise instead of being ignored (:mod:`~fastrm.integrations.trl_config`), a model fastrm cannot train exactly or save
+is refused before training (PEFT adapters already in the model among them), the data order is fastrm's own seeded
+permutation, ``push_to_hub`` and custom callbacks/collators/metrics are refused, and fastrm's own settings come in
+through ``fastrm_config``. ``peft_config`` (a ``peft.LoraConfig``) trains LoRA adapters as stock TRL + PEFT do, and
+``save_model()`` then writes an adapter folder (:mod:`fastrm.lora`; options fastrm cannot honour are refused)::
 
     RewardTrainer(..., fastrm_config={"loss": "threshold", "prefix_sharing": True, "max_tokens_per_batch": 32768})
 """
@@ -47,13 +53,14 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fastrm.integrations.trl needs TRL: pip install 'fastrm[trl]'") from e
 
-from fastrm import attention
 from fastrm import distributed as dist
 from fastrm.evaluation import compute_pair_rewards, json_safe
+from fastrm.formatting import trl_rule
 from fastrm.integrations.trl_config import build_fastrm_config, check_fastrm_overrides, unsupported_options
 from fastrm.integrations.trl_data import tokenize_like_trl
-from fastrm.loading import load_model, load_tokenizer
-from fastrm.model import RewardModel
+from fastrm.integrations.trl_model import Forms, fields_from_peft_config, reward_model
+from fastrm.loading import PACKAGED, LoadError, hub_allowed, load_model, load_tokenizer
+from fastrm.presets import PRESETS
 from fastrm.trainer import RewardTrainer as FastRewardTrainer
 
 __all__ = ["RewardTrainer"]
@@ -67,93 +74,79 @@ _REFUSED_ARGS = {
     "optimizer_cls_and_kwargs": "fastrm builds AdamW and the schedule from the config",
     "preprocess_logits_for_metrics": "evaluate() reports TRL's reward metrics",
     "quantization_config": "fastrm trains full-precision weights",
-    "peft_config": "fastrm trains all weights (no LoRA/PEFT adapters); use trl.RewardTrainer for PEFT",
 }
 
 
-class _Forms:
-    """Switches a RewardModel built around a Hugging Face model between fastrm's form (final norm lifted out of
-    the backbone, packed attention) and HF's (norm back in place, the model's own attention), so the HF model the
-    user holds keeps working between train() and evaluate() calls. Re-entrant."""
+class TrainerAccelerator:
+    """``trainer.accelerator`` for TRL scripts and callbacks: the parts of ``accelerate.Accelerator`` they call
+    (``print``, ``is_main_process``, ``wait_for_everyone``, ``unwrap_model``, ``end_training``, ...), answered from
+    the process group fastrm trains in. fastrm runs no Accelerator (it places, wraps and steps the model itself), so
+    any other attribute is an error that says so."""
 
-    def __init__(self, rm: RewardModel, hf_attn: str):
-        self.rm, self.hf_attn, self.depth = rm, hf_attn, 0
-        self._set(fastrm_form=False)
+    def __init__(self, device: torch.device):
+        self.device = device
 
-    def _set(self, fastrm_form: bool) -> None:
-        backbone = self.rm.backbone
-        if self.rm.norm_name is not None:
-            setattr(backbone, self.rm.norm_name, nn.Identity() if fastrm_form else self.rm.final_norm)
-        backbone.set_attn_implementation(attention.ATTN_NAME if fastrm_form else self.hf_attn)
+    @property
+    def is_main_process(self) -> bool:
+        return dist.is_main()
+
+    @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_process_index == 0
+
+    @property
+    def process_index(self) -> int:
+        return dist.rank()
+
+    @property
+    def num_processes(self) -> int:
+        return dist.world_size()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the local main process only, as accelerate does."""
+        if self.is_local_main_process:
+            print(*args, **kwargs)
+
+    def wait_for_everyone(self) -> None:
+        dist.barrier()
+
+    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True):
+        return model  # trainer.model is never wrapped: fastrm's DDP/FSDP wrapping stays inside its trainer
 
     @contextmanager
-    def fastrm(self) -> Iterator[None]:
-        if self.depth == 0:
-            self._set(fastrm_form=True)
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if self.depth == 0:
-                self._set(fastrm_form=False)
+    def main_process_first(self) -> Iterator[None]:
+        if not self.is_main_process:
+            dist.barrier()
+        yield
+        if self.is_main_process:
+            dist.barrier()
 
+    def end_training(self) -> None:
+        """What ``Trainer.end()`` runs: the trackers were finished at the end of train(); the process group (if
+        any) is destroyed, as accelerate does."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
-def _hf_attn(backbone: nn.Module) -> str:
-    impl = getattr(backbone.config, "_attn_implementation", None)
-    return "sdpa" if impl in (None, attention.ATTN_NAME) else impl
-
-
-def _seq_cls_view(rm: RewardModel) -> PreTrainedModel:
-    """An ``AutoModelForSequenceClassification`` that shares ``rm``'s backbone, head and config (built on the meta
-    device, so no weights are allocated), for callers that expect TRL's ``trainer.model``."""
-    import copy
-
-    from transformers import AutoModelForSequenceClassification
-
-    rm.backbone.config.num_labels = 1  # the view shares this config; a reward model has one label
-    cfg = copy.deepcopy(rm.backbone.config)
-    with torch.device("meta"):
-        hf = AutoModelForSequenceClassification.from_config(cfg)
-    setattr(hf, hf.base_model_prefix, rm.backbone)
-    hf.score = rm.score
-    hf.config = rm.backbone.config
-    return hf
-
-
-def _reward_model(model: Any, tokenizer: Any) -> tuple[RewardModel, PreTrainedModel, str]:
-    """(fastrm model, the HF sequence-classification model sharing its weights, the HF attention to restore)."""
-    hf = None
-    if isinstance(model, RewardModel):
-        rm, hf_attn = model, "sdpa"
-    elif isinstance(model, (str, os.PathLike)):
-        rm, hf_attn = load_model(model, tokenizer=tokenizer), "sdpa"
-    elif isinstance(model, PreTrainedModel) and hasattr(model, model.base_model_prefix):
-        backbone = getattr(model, model.base_model_prefix)
-        hf_attn = _hf_attn(backbone)
-        if isinstance(getattr(model, "score", None), nn.Linear):  # *ForSequenceClassification: trainer.model
-            if getattr(model.config, "num_labels", None) != 1:
-                raise ValueError(
-                    f"the model has num_labels={model.config.num_labels}; a reward model has num_labels=1 (one "
-                    "score per sequence): load it with num_labels=1, or pass its path"
-                )
-            rm, hf = RewardModel(backbone, model.score), model
-        else:  # a causal LM (or a bare backbone): a new score head on its backbone
-            rm = RewardModel(backbone)
-    else:
-        raise TypeError(
-            f"model must be a transformers PreTrainedModel, a path or a fastrm.RewardModel, got {type(model).__name__}"
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"trainer.accelerator.{name}: fastrm's RewardTrainer runs no accelerate.Accelerator; its accelerator "
+            "offers print, is_main_process, is_local_main_process, process_index, local_process_index, "
+            "num_processes, device, wait_for_everyone, unwrap_model, main_process_first and end_training"
         )
-    rm.tokenizer = tokenizer
-    return rm, hf if hf is not None else _seq_cls_view(rm), hf_attn
 
 
 class RewardTrainer:
     """``trl.RewardTrainer``'s constructor and methods, training with fastrm (see the module docstring).
 
     Args:
-        model: a ``*ForSequenceClassification`` model (``num_labels=1``), a causal LM (its backbone gets a new
-            score head), a path/preset name (:func:`fastrm.load_model`), or a :class:`fastrm.RewardModel`.
+        model: a ``*ForSequenceClassification`` model (``num_labels=1``; its own head is trained), a causal LM (its
+            backbone gets a new score head), a path/preset name (:func:`fastrm.load_model`, with
+            ``args.model_init_kwargs``), or a :class:`fastrm.RewardModel` (:mod:`~fastrm.integrations.trl_model`).
         args: a ``trl.RewardConfig``; unsupported options raise (:mod:`fastrm.integrations.trl_config`).
         train_dataset, eval_dataset: ``datasets.Dataset`` (or a list of dicts / file path) in TRL's standard,
             conversational or tokenized preference format; ``eval_dataset`` may be a dict of them.
@@ -162,8 +155,10 @@ class RewardTrainer:
             ``max_tokens_per_batch``, ``attn_backend``, ``fused_head``, ``on_bad_row``), a dict or a
             :class:`fastrm.RewardConfig`.
         data_collator, compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics, quantization_config, peft_config: accepted for signature compatibility;
-            anything but their default raises.
+            preprocess_logits_for_metrics, quantization_config: accepted for signature compatibility; anything but
+            their default raises.
+        peft_config: a ``peft.LoraConfig``: LoRA adapters and the score head are trained, the base frozen
+            (:func:`fastrm.lora.fields_from_peft_config` says what is honoured; the rest is refused by name).
     """
 
     def __init__(
@@ -192,7 +187,6 @@ class RewardTrainer:
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             quantization_config=quantization_config,
-            peft_config=peft_config,
         )
         refused = [f"{k} ({_REFUSED_ARGS[k]})" for k, v in given.items() if v is not None]
         if refused:
@@ -214,7 +208,7 @@ class RewardTrainer:
 
         set_seed(args.seed)  # before the model is built: a new score head is drawn from the global RNG, as in TRL
         self.processing_class = tok = self._tokenizer(model, processing_class, args)
-        self.reward_model, self._hf_model, hf_attn = _reward_model(model, tok)
+        self.reward_model, self._hf_model, hf_attn = reward_model(model, tok, args)
         for cfg in {id(c): c for c in (self.reward_model.backbone.config, self._hf_model.config)}.values():
             cfg.pad_token_id = tok.pad_token_id  # sequence-classification models score the last non-pad token
         if args.disable_dropout:
@@ -229,15 +223,41 @@ class RewardTrainer:
         if not self._eval_sets and strategy != "no":
             raise ValueError(f"eval_strategy={strategy!r} needs an eval_dataset (as in transformers.Trainer)")
         has_margin = train_pairs[0].margin is not None
+        if peft_config is not None:  # LoRA: fastrm injects PEFT's layers itself (fastrm/lora.py)
+            overrides = {
+                **overrides,
+                **fields_from_peft_config(peft_config, self.reward_model, disable_dropout=args.disable_dropout),
+            }
         cfg, self.schedule = build_fastrm_config(args, len(train_pairs), dist.world_size(), overrides, has_margin)
         device = torch.device("cpu") if args.use_cpu else None
-        self._forms = _Forms(self.reward_model, hf_attn)
+        self._forms = Forms(self.reward_model, hf_attn)
         with self._forms.fastrm():
-            self._trainer = FastRewardTrainer(
-                self.reward_model, cfg, train_pairs, None, tok, on_step_end=self._on_step_end, device=device
+            self._trainer = FastRewardTrainer(  # run_folder=False: output_dir follows transformers.Trainer's rules
+                self.reward_model,
+                cfg,
+                train_pairs,
+                None,
+                tok,
+                on_step_end=self._on_step_end,
+                device=device,
+                run_folder=False,
             )
-        self.state = TrainerState(max_steps=self.schedule.total_steps)
+        # The ids are TRL's (text + EOS text, special tokens, last non-pad pooled): its saves record that rule.
+        self.reward_model.scoring_rule = trl_rule(tok, max_length=args.max_length)
+        self.accelerator = TrainerAccelerator(self._trainer.device)
+        self.state = TrainerState(
+            max_steps=self.schedule.total_steps,
+            num_train_epochs=math.ceil(self.schedule.total_steps / self.schedule.steps_per_epoch),
+            train_batch_size=args.per_device_train_batch_size,
+            logging_steps=self.schedule.log_every,
+            eval_steps=self.schedule.eval_every,
+            save_steps=cfg.save_steps,
+            is_world_process_zero=dist.is_main(),
+            is_local_process_zero=self.accelerator.is_local_main_process,
+        )
         self.control = TrainerControl()
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.hub_model_id = args.hub_model_id
         self._reporters = self._report_to(args.report_to)
         self._window: dict[str, list[float]] = defaultdict(list)
         self._total_train_tokens = self._tokens_processed = self._pairs_trained = 0
@@ -246,13 +266,25 @@ class RewardTrainer:
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _tokenizer(model: Any, tok: Any, args: Any) -> Any:
+        if tok is None and getattr(model, "tokenizer", None) is not None:  # a fastrm.RewardModel that carries one
+            tok = model.tokenizer
         if tok is None:
-            name = model if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "")
+            config = getattr(model, "config", None)
+            name = model if isinstance(model, (str, os.PathLike)) else getattr(config, "_name_or_path", "")
             if not name:
                 raise ValueError(
                     "processing_class is required: the model was not loaded from a folder with a tokenizer"
                 )
-            tok = load_tokenizer(None, model_spec=name)  # local only: a clear error when there is none
+            named = isinstance(model, str) and (model in PRESETS or model in PACKAGED)
+            if isinstance(model, (str, os.PathLike)) and not named and not Path(model).exists() and not hub_allowed():
+                load_model(model)  # a missing path: the loader's own error names it (and the hub setting)
+            try:
+                tok = load_tokenizer(None, model_spec=name)  # local only
+            except LoadError:
+                raise LoadError(
+                    f"processing_class is required: the model {str(name)!r} holds no tokenizer (a folder with "
+                    "tokenizer.json or tokenizer_config.json)"
+                ) from None
         if args.eos_token is not None:
             if args.eos_token not in tok.get_vocab():
                 raise ValueError(f"eos_token {args.eos_token!r} is not in the tokenizer's vocabulary")
@@ -309,8 +341,19 @@ class RewardTrainer:
     def train_pairs(self) -> list:
         return self._trainer.train_pairs
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._trainer.optimizer
+
+    @property
+    def lr_scheduler(self) -> Any:
+        return self._trainer.scheduler
+
     def is_world_process_zero(self) -> bool:
         return dist.is_main()
+
+    def is_local_process_zero(self) -> bool:
+        return self.accelerator.is_local_main_process
 
     metrics_format = metrics_format
     log_metrics = log_metrics
@@ -340,6 +383,7 @@ class RewardTrainer:
         self._train_losses.append(m["loss"])
         self._pairs_trained += len(idx)
         self.state.global_step = step
+        self.state.num_input_tokens_seen = self._total_train_tokens
         self.state.epoch = step / self.schedule.steps_per_epoch  # Trainer's fractional epoch
         w = self._window
         for key, name in (
@@ -460,4 +504,12 @@ class RewardTrainer:
         dist.barrier()
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("fastrm does not push to a model hub: save_model() writes a folder to upload")
+        """Refused: fastrm runs offline and uploads nothing (``push_to_hub=True`` in the config is refused too)."""
+        raise NotImplementedError(
+            f"fastrm does not push to a model hub: save_model() wrote the model to a folder ({self.args.output_dir} "
+            "unless you named another); upload that folder yourself (e.g. `hf upload <repo> <folder>`)"
+        )
+
+    def end(self) -> None:
+        """Finish: what ``transformers.Trainer.end()`` does (TRL's scripts call it last)."""
+        self.accelerator.end_training()

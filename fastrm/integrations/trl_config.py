@@ -67,6 +67,8 @@ MAPPED = frozenset(
         "pad_token",
         "chat_template_path",
         "local_rank",  # set by the launcher; fastrm reads the process group torch.distributed holds
+        "model_init_kwargs",  # for a model path: honoured or refused by name (trl_model.init_kwargs)
+        "trust_remote_code",  # the default of model_init_kwargs' trust_remote_code, as in TRL
     }
 )
 
@@ -95,6 +97,17 @@ NO_EFFECT = {
     "trackio_static_space_id": "read by the report_to integrations",
     "logging_dir": "read by the report_to integrations",
     "hub_token": "only used with push_to_hub, which is refused",
+    "hub_model_id": "only used with push_to_hub, which is refused",
+    "hub_private_repo": "only used with push_to_hub, which is refused",
+    "hub_strategy": "only used with push_to_hub, which is refused",
+    "hub_always_push": "only used with push_to_hub, which is refused",
+    "hub_revision": "only used with push_to_hub, which is refused",
+}
+
+# Why some unimplemented options are refused, for the error message.
+REFUSED_BECAUSE = {
+    "push_to_hub": "fastrm uploads nothing to a model hub: save_model() writes output_dir, a folder you can upload",
+    "use_liger_kernel": "fastrm runs its own fused kernels",
 }
 
 # fastrm settings a TRL config has no field for: the only keys ``fastrm_config`` accepts.
@@ -138,7 +151,8 @@ def unsupported_options(args: Any) -> list[str]:
             continue
         value = getattr(args, name)
         if _value(value) != _value(defaults[name]):
-            out.append(f"{name}={_value(value)!r}")
+            why = f" ({REFUSED_BECAUSE[name]})" if name in REFUSED_BECAUSE else ""
+            out.append(f"{name}={_value(value)!r}{why}")
     return out
 
 

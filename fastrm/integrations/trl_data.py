@@ -19,16 +19,16 @@ from __future__ import annotations
 from typing import Any
 
 from fastrm import chat
-from fastrm import data as fd
-from fastrm.data import DataError, LoadStats, TokenizedPair
+from fastrm.data import LoadStats, TokenizedPair, handle_bad_row, parse_row
+from fastrm.rows import DataError, OnBadRow, RowError, check_on_bad_row, ids_field, iter_groups, text_field, type_name
 
 
 def _side_ids(row: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
     """Full chosen and rejected token ids of one row, tokenized as TRL 1.x does."""
     if "chosen_ids" in row or "rejected_ids" in row:
-        return fd._ids(row, "chosen_ids"), fd._ids(row, "rejected_ids")
+        return ids_field(row, "chosen_ids"), ids_field(row, "rejected_ids")
     if "chosen_input_ids" in row or "rejected_input_ids" in row:  # TRL's legacy names for the same columns
-        return fd._ids(row, "chosen_input_ids"), fd._ids(row, "rejected_input_ids")
+        return ids_field(row, "chosen_input_ids"), ids_field(row, "rejected_input_ids")
     if chat.is_chat_row(row):
         sides = chat.conversations(row)
         chat.require_chat_template(tokenizer)
@@ -38,16 +38,14 @@ def _side_ids(row: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
             try:  # TRL's call (trl.data_utils._tokenize)
                 ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True, **kwargs)["input_ids"]
             except Exception as e:  # jinja2 errors and plain Python errors raised inside templates
-                raise fd._RowError(
-                    key, f"the chat template failed on these messages: {type(e).__name__}: {e}"
-                ) from None
+                raise RowError(key, f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
             out.append(list(ids))
         return out[0], out[1]
-    prompt = fd._text(row, "prompt", allow_empty=True) if "prompt" in row else ""
+    prompt = text_field(row, "prompt", allow_empty=True) if "prompt" in row else ""
     eos = tokenizer.eos_token or ""
     out = []
     for key in ("chosen", "rejected"):
-        text = prompt + fd._text(row, key)
+        text = prompt + text_field(row, key)
         out.append(list(tokenizer(text if text.endswith(eos) else text + eos)["input_ids"]))
     return out[0], out[1]
 
@@ -57,12 +55,12 @@ def _strip_padding(ids: list[int], pad_id: int | None, key: str) -> list[int]:
     while pad_id is not None and end > 0 and ids[end - 1] == pad_id:
         end -= 1
     if end == 0:
-        raise fd._RowError(key, "tokenizes to padding tokens only: the model would score nothing")
+        raise RowError(key, "tokenizes to padding tokens only: the model would score nothing")
     return ids[:end]
 
 
 def tokenize_like_trl(
-    source: Any, tokenizer: Any, *, max_length: int | None, on_bad_row: fd.OnBadRow = "error"
+    source: Any, tokenizer: Any, *, max_length: int | None, on_bad_row: OnBadRow = "error"
 ) -> tuple[list[TokenizedPair], list[int], LoadStats, int]:
     """Load and tokenize ``source`` (a ``datasets.Dataset``, a list of dicts, or any :func:`fastrm.data.load_pairs`
     source) as TRL does.
@@ -71,18 +69,18 @@ def tokenize_like_trl(
         pairs; ``trl_tokens[i]``, the tokens TRL's batch holds for pair i (both sides, padding excluded), for
         TRL's ``num_tokens``; the load stats; and how many rows were dropped for exceeding ``max_length``.
     """
-    fd._check_on_bad_row(on_bad_row)
+    check_on_bad_row(on_bad_row)
     pad_id = tokenizer.pad_token_id
     stats, pairs, trl_tokens, too_long = LoadStats(), [], [], 0
-    for group, rows in fd._iter_groups(source):
+    for group, rows in iter_groups(source):
         before = len(pairs)
         for src, row in rows:
             stats.rows += 1
             try:
-                if isinstance(row, fd._RowError):
+                if isinstance(row, RowError):
                     raise row
                 if not isinstance(row, dict):
-                    raise fd._RowError(None, f"expected a JSON object, got {fd._type_name(row)}")
+                    raise RowError(None, f"expected a JSON object, got {type_name(row)}")
                 chosen, rejected = _side_ids(row, tokenizer)
                 if max_length is not None and max(len(chosen), len(rejected)) > max_length:
                     too_long += 1
@@ -93,9 +91,9 @@ def tokenize_like_trl(
                     "rejected_input_ids": _strip_padding(rejected, pad_id, "rejected"),
                     "margin": row.get("margin"),
                 }
-                pair = fd._parse_row(ids_row, stats)  # common prefix -> prompt, ties dropped, margin checked
-            except fd._RowError as e:
-                fd._bad_row(e, src, on_bad_row, stats)
+                pair = parse_row(ids_row, stats)  # common prefix -> prompt, ties dropped, margin checked
+            except RowError as e:
+                handle_bad_row(e, src, on_bad_row, stats)
                 continue
             if pair is not None:
                 pair.source = src

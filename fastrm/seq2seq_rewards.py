@@ -1,0 +1,155 @@
+"""Token rewards and sequence scores of a sequence-to-sequence reward model (Zhou et al. 2024's reward extracting).
+
+To score y for x the RM reads [x | input(y) | y] in one teacher-forced forward, and at each target position t
+compares y_t with its greedy prediction given y_<t (``argmax == y_t``, from the fused linear + cross-entropy op: no
+logits tensor). Greedy decoding from [x | input(y)] produces exactly these predictions while its output equals y
+(up to and including the first divergence); after it the paper feeds y token by token, which is teacher forcing:
+so one forward is the paper's procedure, and fastrm defines the decisions by it (tests/test_seq2seq.py checks it
+against stock HF ``generate`` followed by teacher forcing). All responses to one prompt are one shared-prompt
+segment. The rules and constants are the checkpoint's (``fastrm_seq2seq.json``; see fastrm/seq2seq_model.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastrm.seq2seq import Seq2SeqSettings, pack_branches
+
+
+def rewards_from_decisions(match: Sequence[bool], settings: Seq2SeqSettings, rule: str | None = None) -> list[float]:
+    """Token rewards of one response from its per-token ``argmax == y_t`` decisions (module docstring)."""
+    rule = rule or settings.reward_rule
+    pos, neg = float(settings.positive), -float(settings.negative)
+    if rule == "match_positive":
+        return [pos if m else neg for m in match]
+    if rule != "after_zero":
+        raise ValueError(f"unknown reward rule {rule!r}; expected 'after_zero' or 'match_positive'")
+    out, diverged = [], False
+    for m in match:
+        diverged = diverged or not m
+        out.append(neg if not m else (0.0 if diverged else pos))
+    return out
+
+
+def sequence_score(rewards: Sequence[float], settings: Seq2SeqSettings) -> float:
+    """The sequence-level score of one response: the mean (default) or sum of its token rewards (0 when empty)."""
+    if not rewards:
+        return 0.0
+    total = float(sum(rewards))
+    return total / len(rewards) if settings.sequence_score == "mean" else total
+
+
+def scoring_branches(model, tokenizer, prompt: str, responses: Sequence[str]):
+    """(prompt ids, [(input ids, response ids)]) of one prompt's responses under the model's template, truncated as
+    in training (prompt, then the input copy of the response, from the left); a response that cannot fit
+    ``max_length`` whole as the target is a ValueError."""
+    s = model.settings
+    pieces = s.template.pieces(tokenizer)
+    enc = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []  # noqa: E731
+    p_ids = enc(pieces["_chat"][0] + prompt + pieces["_chat"][1]) if "_chat" in pieces else enc(prompt)
+    branches = []
+    for j, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise ValueError(f"response {j} is empty: there are no tokens to reward")
+        y = enc(r)
+        fixed = len(pieces["in_prefix"]) + len(pieces["out_prefix"]) + len(y)
+        if fixed > s.max_length:
+            raise ValueError(
+                f"response {j} needs {len(y)} tokens as the target and the template {fixed - len(y)} more: more than "
+                f"max_length={s.max_length} (it is never truncated)"
+            )
+        room = s.max_length - fixed
+        y_in = y[len(y) - room :] if len(y) > room else y
+        branches.append((pieces["in_prefix"] + (y_in if room else []) + pieces["out_prefix"], y))
+    longest = max(len(i) + len(t) for i, t in branches)
+    room = s.max_length - longest
+    return (p_ids[len(p_ids) - room :] if len(p_ids) > room else p_ids), branches
+
+
+@torch.no_grad()
+def token_decisions(model, groups, *, max_tokens_per_batch: int = 16384, autocast=False):
+    """groups: [(prompt ids, [(input ids, target ids)])] -> per group, per branch, the list of argmax == target
+    decisions. One teacher-forced forward per micro-batch; each group is one shared-prompt segment."""
+    from fastrm.packing import group_cost, plan_micro_batches
+
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    costs = [group_cost(len(p), [len(i) + len(t) for i, t in bs], "shared_prompt") for p, bs in groups]
+    out: list = [None] * len(groups)
+    try:
+        for idx in plan_micro_batches(costs, max(max_tokens_per_batch, max(costs))):
+            batch = pack_branches([groups[g][0] for g in idx], [groups[g][1] for g in idx], "shared_prompt")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                match, _ = model.predictions(batch.to(device))
+            flat = match.cpu().tolist()
+            k = 0
+            for g in idx:
+                per = []
+                for _, t in groups[g][1]:
+                    per.append(flat[k : k + len(t)])
+                    k += len(t)
+                out[g] = per
+    finally:
+        model.train(was)
+    return out
+
+
+def token_rewards(
+    model,
+    prompt: str,
+    responses: Sequence[str],
+    tokenizer=None,
+    *,
+    rule: str | None = None,
+    return_tokens: bool = False,
+    max_tokens_per_batch: int = 16384,
+) -> list:
+    """Token rewards of each response to ``prompt``: one float per token of the response (as the RM's tokenizer
+    tokenizes it, ``add_special_tokens=False``), in one teacher-forced forward over [x | input(y) | y] per response
+    (all responses of the prompt in one shared-prompt segment). ``rule``: ``after_zero`` / ``match_positive``
+    (default: the checkpoint's). ``return_tokens``: also the token strings, as ``[(tokens, rewards)]``.
+
+    >>> fastrm.token_rewards(model, "Say something about Bob.\\n", [" Bob is rude."], tokenizer=tok)  # doctest: +SKIP
+    [[1.0, 1.0, -1.0, 0.0]]
+    """
+    tok = tokenizer if tokenizer is not None else model.tokenizer
+    if tok is None:
+        raise ValueError("token_rewards needs a tokenizer (tokenizer=..., or a model loaded with its tokenizer)")
+    if not hasattr(model, "predictions"):
+        raise ValueError("token_rewards needs a seq2seq reward model (fastrm.load_model of a seq2seq checkpoint)")
+    if isinstance(responses, str):
+        raise ValueError("responses must be a list of strings (one response: [response])")
+    p_ids, branches = scoring_branches(model, tok, prompt, responses)
+    dec = token_decisions(model, [(p_ids, branches)], max_tokens_per_batch=max_tokens_per_batch)[0]
+    rewards = [rewards_from_decisions(m, model.settings, rule) for m in dec]
+    if return_tokens:
+        return [(tok.convert_ids_to_tokens(t), r) for (_, t), r in zip(branches, rewards)]
+    return rewards
+
+
+def sequence_scores(model, prompt: str, responses: Sequence[str], tokenizer=None, **kw):
+    """The sequence score of each response (:func:`sequence_score` of its :func:`token_rewards`)."""
+    return [sequence_score(r, model.settings) for r in token_rewards(model, prompt, responses, tokenizer, **kw)]
+
+
+def score_rows(
+    model, rows: Sequence[dict], tokenizer, *, top_k: int | None = None, token_level: bool = False, **kw
+) -> list[dict]:
+    """``fastrm score`` for a seq2seq RM: each {prompt, responses} row + ``scores`` (sequence scores),
+    ``best_index``, ``best_response`` (``top_k``), and with ``token_level`` the ``token_rewards`` and ``tokens``."""
+    out = []
+    for row in rows:
+        detail = token_rewards(model, row["prompt"], row["responses"], tokenizer, return_tokens=True, **kw)
+        scores = [sequence_score(r, model.settings) for _, r in detail]
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        rec = {k: v for k, v in row.items() if k != "source"}
+        rec.update(scores=scores, best_index=best, best_response=row["responses"][best])
+        if top_k:
+            rec["top_k"] = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+        if token_level:
+            rec.update(token_rewards=[r for _, r in detail], tokens=[t for t, _ in detail])
+        out.append(rec)
+    return out
