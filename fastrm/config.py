@@ -89,6 +89,9 @@ class RewardConfig:
     # ------------------------------------------------------------------------------------------------ data
     max_length: int = _f("data", 2048, "max tokens of one prompt+response sequence; prompts are cut from the left")
     max_tokens_per_batch: int = _f("data", 16384, "token budget of one packed micro-batch (per device)")
+    prefetch: bool = _f(
+        "data", True, "pack the next optimizer step on a background thread while this one runs (pinned on CUDA)"
+    )
     prefix_sharing: bool = _f(
         "data", False, "pack each pair as [prompt | chosen | rejected] so the prompt is computed once"
     )
@@ -357,6 +360,7 @@ NON_TRAINING_FIELDS = frozenset(
         "gradient_checkpointing",
         "mu_keep_graphs",  # the same mu_B and gradients either way (tested)
         "max_tokens_per_batch",  # the step gradient does not depend on the token budget (tested)
+        "prefetch",  # the same batches, packed on another thread (tested)
         # seq2seq reward extraction: recorded in fastrm_seq2seq.json, not trained
         "seq2seq_reward_rule",
         "seq2seq_positive",

@@ -36,6 +36,7 @@ from fastrm.evaluation import json_safe
 from fastrm.model import LossConfig, RewardModel
 from fastrm.objectives import check_margins, margin_policy  # noqa: F401  (re-exported)
 from fastrm.packing import PackedBatch
+from fastrm.prefetch import HostStep, StepPrefetcher, pin_batch
 
 latest_checkpoint = ckpt_io.latest_checkpoint  # re-exported: callers look for it next to the trainer
 
@@ -166,10 +167,11 @@ class RewardTrainer:
 
     # ---------------------------------------------------------------- data order
     def _epoch_order(self, epoch: int) -> list[int]:
-        if epoch not in self._perm_cache:
+        cache = self._perm_cache  # one read: the prefetch thread may replace it meanwhile (fastrm.prefetch)
+        if epoch not in cache:
             g = torch.Generator().manual_seed(self.args.seed * 1000003 + epoch)
-            self._perm_cache = {epoch: torch.randperm(len(self.train_pairs), generator=g).tolist()}
-        return self._perm_cache[epoch]
+            cache = self._perm_cache = {epoch: torch.randperm(len(self.train_pairs), generator=g).tolist()}
+        return cache[epoch]
 
     def step_indices(self, step: int) -> list[int]:
         """Global pair indices of an optimizer step (identical on every rank)."""
@@ -191,18 +193,21 @@ class RewardTrainer:
             self._placeholder = self.objective.pack([self.train_pairs[0]], self.layout).to(self.device)
         return self._placeholder, False
 
-    def accumulate_gradients(self, pairs: Sequence, n_global: int) -> dict:
+    def accumulate_gradients(self, pairs: Sequence, n_global: int, host_batches: list | None = None) -> dict:
         """Forward/backward over this rank's share of a step (gradients accumulate in ``.grad``).
 
         ``n_global``: the step's normaliser over all ranks (``objective.step_units`` of the whole step: its pair
-        count for the scalar objective). Returns device tensors (no host sync), as the objective's ``step_result``
+        count for the scalar objective). ``host_batches``: ``pairs`` already packed on the host (by the prefetch
+        thread, fastrm.prefetch), else they are packed here. Returns device tensors (no host sync), as the objective's ``step_result``
         arranges them, with ``counts`` [3] = (examples, tokens, micro-batches) and ``micro_batches``. The scalar
         objective's: ``sums`` [5] (see fastrm.losses.STATS_FIELDS) over this rank's real pairs, ``mu`` (the step
         mu when ``step_mu``, else the sum of the micro-batch mus over ``counts[2]`` micro-batches),
         ``reward_extrema`` [2] = (-min, max) and ``reward_sum`` [1] of the rewards.
         """
         obj = self.objective
-        mbs = [mb.to(self.device) for mb in obj.micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)]
+        if host_batches is None:
+            host_batches = obj.micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)
+        mbs = [mb.to(self.device) for mb in host_batches]
         normalizer = n_global / dist.world_size()  # each rank's loss is summed by the gradient all-reduce
         n_passes = self.replication.num_passes(len(mbs))
         state = obj.begin_step(self, mbs, n_passes, normalizer)
@@ -232,11 +237,11 @@ class RewardTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def train_step(self, pairs: Sequence, n_global: int) -> dict:
+    def train_step(self, pairs: Sequence, n_global: int, host_batches: list | None = None) -> dict:
         """One optimizer step on this rank's share of a step's pairs; returns the step's metrics (all ranks).
 
         The step's numbers reach the host once, as one all-reduced vector, after the optimizer update."""
-        r = self.accumulate_gradients(pairs, n_global)
+        r = self.accumulate_gradients(pairs, n_global, host_batches)
         norm = self.optimizer_update()
         norm_vec = torch.full((1,), float("nan"), device=self.device) if norm is None else norm.reshape(1)
         obj = self.objective
@@ -283,37 +288,18 @@ class RewardTrainer:
         )
         last: dict = {}
         t_start, pairs_seen = time.perf_counter(), 0
-        while self.step < self.total_steps:
-            idx = self.step_indices(self.step)
-            shard = idx[dist.rank() :: dist.world_size()]
-            t0 = time.perf_counter()
-            n_global = self.objective.step_units([self.train_pairs[i] for i in idx])  # on the host, all ranks
-            m = self.train_step([self.train_pairs[i] for i in shard], n_global)
-            dt = time.perf_counter() - t0  # the metrics' host transfer ended the step: dt is its real duration
-            self.step += 1
-            pairs_seen += len(idx)
-            m.update(
-                step=self.step,
-                epoch=(self.step - 1) // self.steps_per_epoch,
-                step_time=dt,
-                tokens_per_s=m["tokens"] / dt,
-                pairs_per_s=len(idx) / dt,
-            )
-            last = m
-            bar.update(1)
-            bar.set_postfix(
-                **{shown: format(m[k], f) for shown, (k, f) in self.objective.progress_fields.items()},
-                tok_s=f"{m['tokens_per_s']:.0f}",
-            )
-            if a.logging_steps and self.step % a.logging_steps == 0:
-                self._log({"split": "train", **m})
-            if self.on_step_end is not None:
-                self.on_step_end(self.step, m)
-            if a.eval_steps and self.step % a.eval_steps == 0 and self.eval_pairs:
-                self._log({"split": "eval", "step": self.step, **self.evaluate(plot=False)})
-                self.model.train()
-            if a.save_steps and self.step % a.save_steps == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+        with StepPrefetcher(self.host_step, enabled=a.prefetch) as prefetcher:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                hs = prefetcher.get(self.step)
+                if self.step + 1 < self.total_steps:
+                    prefetcher.prefetch(self.step + 1)  # packed on the host while this step runs on the device
+                m = self.train_step(hs.pairs, hs.n_global, hs.batches)
+                dt = time.perf_counter() - t0  # the metrics' host transfer ended the step: dt is its real duration
+                self.step += 1
+                pairs_seen += hs.n_examples
+                last = m
+                self._after_step(m, dt, hs.n_examples, bar)
         bar.close()
         elapsed = time.perf_counter() - t_start
         result = {"train": last, "train_runtime_s": elapsed, "train_pairs_per_s": pairs_seen / max(elapsed, 1e-9)}
@@ -326,6 +312,42 @@ class RewardTrainer:
             self._log({"split": "eval", "step": self.step, **result["eval"]})
         self.run.finish(result, self.step)
         return result
+
+    def host_step(self, step: int) -> HostStep:
+        """Optimizer step ``step``'s host work: its pairs (this rank's share), normaliser and packed micro-batches
+        (pinned on CUDA). Runs on the prefetch thread (fastrm.prefetch); reads the pairs, never the model."""
+        idx = self.step_indices(step)
+        pairs = [self.train_pairs[i] for i in idx[dist.rank() :: dist.world_size()]]
+        n_global = self.objective.step_units([self.train_pairs[i] for i in idx])  # on the host, all ranks
+        batches = self.objective.micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)
+        if self.device.type == "cuda":
+            batches = [pin_batch(b) for b in batches]
+        return HostStep(step, pairs, n_global, batches, len(idx))
+
+    def _after_step(self, m: dict, dt: float, n_examples: int, bar) -> None:
+        """A finished step's metrics, progress bar, log, callback, periodic eval and checkpoint."""
+        a = self.args
+        m.update(
+            step=self.step,
+            epoch=(self.step - 1) // self.steps_per_epoch,
+            step_time=dt,
+            tokens_per_s=m["tokens"] / dt,
+            pairs_per_s=n_examples / dt,
+        )
+        bar.update(1)
+        bar.set_postfix(
+            **{shown: format(m[k], f) for shown, (k, f) in self.objective.progress_fields.items()},
+            tok_s=f"{m['tokens_per_s']:.0f}",
+        )
+        if a.logging_steps and self.step % a.logging_steps == 0:
+            self._log({"split": "train", **m})
+        if self.on_step_end is not None:
+            self.on_step_end(self.step, m)
+        if a.eval_steps and self.step % a.eval_steps == 0 and self.eval_pairs:
+            self._log({"split": "eval", "step": self.step, **self.evaluate(plot=False)})
+            self.model.train()
+        if a.save_steps and self.step % a.save_steps == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
 
     def evaluate(self, pairs=None, plot: bool = True) -> dict:
         """The objective's eval metrics on ``pairs`` (default the eval set): accuracy and margin statistics for the

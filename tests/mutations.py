@@ -109,6 +109,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if self.use_fused(hidden.device):",
         ("tests/test_fused_training.py", "-k", "lacks"),
     ),
+    Mutant(
+        "prefetch-live-step",
+        "the packing thread reads the trainer's live step counter, not the step it packs (a step trained twice)",
+        "fastrm/trainer.py",
+        "        idx = self.step_indices(step)\n        pairs = [",
+        "        idx = self.step_indices(self.step)\n        pairs = [",
+        ("tests/test_prefetch.py", "-k", "identical"),
+    ),
+    Mutant(
+        "prefetch-not-overlapped",
+        "the next step is packed only after this one ends: the host work is not overlapped",
+        "fastrm/trainer.py",
+        "                    prefetcher.prefetch(self.step + 1)",
+        "                    pass",
+        ("tests/test_prefetch.py", "-k", "another_thread"),
+    ),
 )
 
 
