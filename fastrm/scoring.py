@@ -124,11 +124,25 @@ def score(
     one. ``scoring_rule`` ("auto", "fastrm", "hf" or a :class:`~fastrm.formatting.ScoringRule`), ``max_length`` and
     ``append_eos`` override it (a one-line warning when they disagree with a saved record). Over-long groups lose
     prompt tokens from the left (see :func:`fastrm.tokenization.truncate_group`).
+
+    A seq2seq reward model (fastrm/seq2seq_rewards.py) gives each response its sequence score: the mean (or sum) of
+    its token rewards, by the checkpoint's reward rule.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("scoring texts needs a tokenizer (pass tokenizer=, or load a checkpoint that has one)")
     prompts, responses, single = normalize_texts(prompts, responses)
+    from fastrm.seq2seq_rewards import is_seq2seq, score_groups
+
+    if is_seq2seq(model):  # its template and max_length are the checkpoint's (fastrm_seq2seq.json)
+        given = [f for f, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None]
+        if given or scoring_rule not in ("auto", None):
+            raise ValueError(
+                f"{', '.join(given) or 'scoring_rule'}: a seq2seq reward model scores with its own template and "
+                "max_length (fastrm_seq2seq.json); these settings are for scalar reward models"
+            )
+        out = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)[0]
+        return out[0] if single else out
     if isinstance(scoring_rule, ScoringRule):
         p, r = tokenize_groups(
             tokenizer, prompts, responses, rule=scoring_rule, max_length=max_length, append_eos=append_eos

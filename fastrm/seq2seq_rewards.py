@@ -41,23 +41,24 @@ def sequence_score(rewards: Sequence[float], settings: Seq2SeqSettings) -> float
     return total / len(rewards) if settings.sequence_score == "mean" else total
 
 
-def scoring_branches(model, tokenizer, prompt: str, responses: Sequence[str]):
+def scoring_branches(model, tokenizer, prompt: str, responses: Sequence[str], group: int | None = None):
     """(prompt ids, [(input ids, response ids)]) of one prompt's responses under the model's template, truncated as
     in training (prompt, then the input copy of the response, from the left); a response that cannot fit
-    ``max_length`` whole as the target is a ValueError."""
+    ``max_length`` whole as the target is a ValueError naming it (``responses[group][j]`` when ``group`` is given)."""
     s = model.settings
+    name = (lambda j: f"response {j}") if group is None else (lambda j: f"responses[{group}][{j}]")  # noqa: E731
     pieces = s.template.pieces(tokenizer)
     enc = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []  # noqa: E731
     p_ids = enc(pieces["_chat"][0] + prompt + pieces["_chat"][1]) if "_chat" in pieces else enc(prompt)
     branches = []
     for j, r in enumerate(responses):
         if not isinstance(r, str) or not r.strip():
-            raise ValueError(f"response {j} is empty: there are no tokens to reward")
+            raise ValueError(f"{name(j)} is empty: there are no tokens to reward")
         y = enc(r)
         fixed = len(pieces["in_prefix"]) + len(pieces["out_prefix"]) + len(y)
         if fixed > s.max_length:
             raise ValueError(
-                f"response {j} needs {len(y)} tokens as the target and the template {fixed - len(y)} more: more than "
+                f"{name(j)} needs {len(y)} tokens as the target and the template {fixed - len(y)} more: more than "
                 f"max_length={s.max_length} (it is never truncated)"
             )
         room = s.max_length - fixed
@@ -128,6 +129,36 @@ def token_rewards(
     if return_tokens:
         return [(tok.convert_ids_to_tokens(t), r) for (_, t), r in zip(branches, rewards)]
     return rewards
+
+
+def is_seq2seq(model) -> bool:
+    """True for a sequence-to-sequence reward model (its rewards are token-level, scalars are sequence scores)."""
+    from fastrm.seq2seq_model import Seq2SeqRewardModel
+
+    return isinstance(model, Seq2SeqRewardModel)
+
+
+def score_groups(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    *,
+    rule: str | None = None,
+    max_tokens_per_batch: int = 16384,
+) -> tuple[list[list[float]], list[list[list[float]]], list[list[list[int]]]]:
+    """Many prompts' responses at once: (sequence scores [G][N], token rewards [G][N][L], target ids [G][N][L]).
+
+    Whole groups go into shared-prompt micro-batches of ``max_tokens_per_batch`` (a group is never split), so the
+    values equal :func:`token_rewards` prompt by prompt (tested). A response that cannot be scored is a ValueError
+    naming it as ``responses[g][j]``."""
+    groups = []
+    for g, (p, rs) in enumerate(zip(prompts, responses)):
+        groups.append(scoring_branches(model, tokenizer, p, rs, group=g))
+    decisions = token_decisions(model, groups, max_tokens_per_batch=max_tokens_per_batch)
+    rewards = [[rewards_from_decisions(m, model.settings, rule) for m in per] for per in decisions]
+    scores = [[sequence_score(r, model.settings) for r in per] for per in rewards]
+    return scores, rewards, [[t for _, t in bs] for _, bs in groups]
 
 
 def sequence_scores(model, prompt: str, responses: Sequence[str], tokenizer=None, **kw):

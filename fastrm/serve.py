@@ -39,7 +39,7 @@ except ImportError as e:  # an optional extra: say how to get it instead of a ba
 from fastrm.batching import BatcherClosed, BatchStats, DynamicBatcher
 from fastrm.formatting import ScoringRule, add_rule_flags, resolve_rule
 from fastrm.serve_requests import Limits, Prepared, prepare_classify, prepare_get_reward, prepare_score
-from fastrm.serve_schema import ClassifyRequest, GetRewardRequest, ScoreRequest, parse_body
+from fastrm.serve_schema import BadRequest, ClassifyRequest, GetRewardRequest, ScoreRequest, parse_body
 
 __all__ = ["BatcherClosed", "RewardService", "ServeConfig", "ServerMetrics"]
 
@@ -212,12 +212,26 @@ class RewardService:
     def __init__(self, model, tokenizer, config: ServeConfig, metrics: ServerMetrics | None = None):
         from fastrm.scoring import score_token_groups
 
+        from fastrm.seq2seq_rewards import is_seq2seq
+
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
-        self.rule = resolve_rule(
-            model, tokenizer, config.scoring_rule, max_length=config.max_length, append_eos=config.append_eos
-        )
+        self.seq2seq = None
+        if is_seq2seq(model):  # token rewards; /score and /get_reward answer sequence scores (fastrm/serve_seq2seq.py)
+            from fastrm import serve_seq2seq
+
+            if config.max_length is not None or config.append_eos is not None or config.scoring_rule != "auto":
+                raise ValueError(
+                    "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores with "
+                    "its checkpoint's template and max_length (fastrm_seq2seq.json)"
+                )
+            self.rule = serve_seq2seq.scoring_rule(model)
+            self.seq2seq = serve_seq2seq.Seq2SeqEndpoints(self)
+        else:
+            self.rule = resolve_rule(
+                model, tokenizer, config.scoring_rule, max_length=config.max_length, append_eos=config.append_eos
+            )
         self.limits = config.limits(self.rule)
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.started = time.time()
@@ -240,7 +254,8 @@ class RewardService:
             on_abandon=self.metrics.observe_abandoned,
         )
         self.metrics.watch(self.batcher)
-        score_fn([[1, 2]], [[[3, 4]]])  # warm-up: the first forward pays one-off initialisation, not a client
+        # warm-up: the first forward pays one-off initialisation, not a client
+        self.seq2seq.warm_up() if self.seq2seq is not None else score_fn([[1, 2]], [[[3, 4]]])
 
     @classmethod
     def load(cls, config: ServeConfig, metrics: ServerMetrics | None = None) -> "RewardService":
@@ -275,13 +290,29 @@ class RewardService:
         return req, prepared, await self.batcher.submit(prepared.groups)
 
     async def score(self, body: bytes | dict) -> dict:
+        if self.seq2seq is not None:
+            return await self.seq2seq.score(body)
         _, prepared, rewards = await self._rewards(body, ScoreRequest, prepare_score)
         out: dict[str, Any] = {"rewards": rewards}
         if any(map(any, prepared.truncated)):
             out["truncated"] = prepared.truncated
         return out
 
+    async def token_rewards(self, body: bytes | dict) -> dict:
+        """``/token_rewards`` (seq2seq reward models): {"scores", "token_rewards", "tokens"} per response."""
+        if self.seq2seq is None:
+            parse_body(body, ScoreRequest)
+            raise BadRequest(
+                None,
+                "this server's model is a scalar reward model (one reward per response: /score); /token_rewards needs "
+                "a seq2seq reward model (docs/seq2seq.md)",
+                404,
+            )
+        return await self.seq2seq.token_rewards(body)
+
     async def get_reward(self, body: bytes | dict) -> dict:
+        if self.seq2seq is not None:
+            return await self.seq2seq.get_reward(body)
         _, prepared, groups = await self._rewards(body, GetRewardRequest, prepare_get_reward)
         rewards = [r for (r,) in groups]
         # OpenRLHF reads "rewards" (advantages), "scores" (dynamic filtering; it falls back to rewards) and
@@ -291,6 +322,8 @@ class RewardService:
     async def classify(self, body: bytes | dict) -> dict:
         """vLLM's ``/classify`` answer: one ``probs`` list of one value per input (raw reward with
         ``use_activation``/``activation`` false, as verl sends it; its sigmoid otherwise, vLLM's default)."""
+        if self.seq2seq is not None:
+            return await self.seq2seq.classify(body)
         req, prepared, groups = await self._rewards(body, ClassifyRequest, prepare_classify)
         activation = req.use_activation if req.use_activation is not None else req.activation
         squash = activation is None or activation
@@ -333,13 +366,19 @@ class RewardService:
             "status": "ok",
             "model": str(self.config.model),
             "device": str(next(self.model.parameters()).device),
-            "scoring_rule": self.rule.rule,
-            "scoring": self.rule.describe(),
+            "scoring_rule": "seq2seq" if self.seq2seq is not None else self.rule.rule,
+            "scoring": self.rule.describe() if self.seq2seq is None else _seq2seq_describe(self.model),
             "uptime_s": round(time.time() - self.started, 1),
         }
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+
+
+def _seq2seq_describe(model) -> str:
+    from fastrm.serve_seq2seq import describe
+
+    return describe(model)
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -60,6 +60,7 @@ from fastrm.serve_schema import (
     HealthResponse,
     ScoreRequest,
     ScoreResponse,
+    TokenRewardsResponse,
 )
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -69,6 +70,7 @@ ERRORS = {
     for status, text in (
         (400, "a field is missing, mistyped, empty or invalid (named in `field`)"),
         (401, "missing or wrong API key"),
+        (404, "/token_rewards on a server whose model is a scalar reward model"),
         (408, "the body did not arrive within --body-timeout-s"),
         (413, "over --max-body-bytes, --max-responses or --max-request-tokens"),
         (415, "Content-Type is not application/json"),
@@ -160,6 +162,8 @@ def _counts(endpoint: str, result: dict) -> tuple[int, int]:
     cut = result.get("truncated") or []
     if endpoint == "/score":
         return sum(map(len, result["rewards"])), sum(map(sum, cut))
+    if endpoint == "/token_rewards":
+        return sum(map(len, result["scores"])), 0
     n = len(result["data"]) if endpoint == "/classify" else len(result["rewards"])
     return n, sum(cut)
 
@@ -253,6 +257,16 @@ def create_app(service: RewardService) -> FastAPI:
     async def score(request: Request) -> Response:
         """Rewards of each prompt's responses: {"prompts": [P, ...], "responses": [[R, ...], ...]}."""
         return await handle(request, "/score", service.score)
+
+    @app.post(
+        "/token_rewards",
+        response_model=TokenRewardsResponse,
+        responses=ERRORS,
+        openapi_extra=_request_body(ScoreRequest),
+    )
+    async def token_rewards(request: Request) -> Response:
+        """Seq2seq reward models: each response's token rewards, tokens and sequence score (body as /score)."""
+        return await handle(request, "/token_rewards", service.token_rewards)
 
     @app.post(
         "/get_reward",

@@ -97,6 +97,14 @@ class ScoreResponse(BaseModel):
     )
 
 
+class TokenRewardsResponse(BaseModel):
+    scores: list[list[float]] = Field(description="the sequence score of each response, in the request's shape")
+    token_rewards: list[list[list[float]]] = Field(
+        description="one reward per token of each response (the RM's tokenizer, no special tokens)"
+    )
+    tokens: list[list[list[str]]] = Field(description="the tokens those rewards belong to")
+
+
 class GetRewardResponse(BaseModel):
     rewards: list[float] = Field(description="one reward per query")
     scores: list[float] = Field(description="the same values (OpenRLHF reads scores for dynamic filtering)")
@@ -145,9 +153,10 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
     model: str | None = Field(None, description="shown with the token only, when the server requires one")
     device: str | None = None
-    scoring_rule: Literal["fastrm", "hf"] | None = Field(
+    scoring_rule: Literal["fastrm", "hf", "seq2seq"] | None = Field(
         None,
-        description="how texts become token ids: fastrm (the checkpoint's training rule) or hf (stock transformers')",
+        description="how texts become token ids: fastrm (the checkpoint's training rule), hf (stock transformers'), "
+        "or seq2seq (a sequence-to-sequence RM's template; rewards are token-level, see /token_rewards)",
     )
     scoring: str | None = Field(None, description="the scoring rule in words (EOS, special tokens, pooled token)")
     uptime_s: float | None = None
