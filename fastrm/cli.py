@@ -240,7 +240,9 @@ def cmd_demo(argv: list[str]) -> int:
         choices=("scalar", "seq2seq"),
         help="scalar (default), or seq2seq: a causal LM learns to rewrite rude responses (docs/seq2seq.md)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="seq2seq: epochs over the pairs (default: 12, about a minute on 2 CPU cores)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="seq2seq: epochs over the pairs (default: 12, a minute on 2 CPU cores)"
+    )
     a = p.parse_args(argv)
     if a.objective == "seq2seq":
         from fastrm.seq2seq_demo import run_demo

@@ -222,7 +222,7 @@ def build_trainer(config: dict, scratch: str | os.PathLike, *, resume_from: str 
         args = dataclasses.replace(args, progress=False)
     tok = load_tokenizer(config.get("tokenizer"), config["model"])
     seed_everything(args.seed)
-    model = load_model(config["model"], tokenizer=tok)
+    model = load_model(config["model"], tokenizer=tok, objective=args.objective)
     if not args.save_steps:  # finish() always saves; the trainer checks at construction only when save_steps is set
         saved_tokenizer.check_savable(tok, model.backbone.config)
     data, eval_data = config["data"], config.get("eval_data")

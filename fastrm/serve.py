@@ -211,7 +211,6 @@ class RewardService:
 
     def __init__(self, model, tokenizer, config: ServeConfig, metrics: ServerMetrics | None = None):
         from fastrm.scoring import score_token_groups
-
         from fastrm.seq2seq_rewards import is_seq2seq
 
         self.model = model.eval()

@@ -50,7 +50,9 @@ class Seq2SeqEndpoints:
     def _check_count(self, n: int, field: str) -> None:
         limit = self.service.limits.max_responses
         if n > limit:
-            raise BadRequest(field, f"{field}: {n} responses, more than this server takes ({limit}, --max-responses)", 413)
+            raise BadRequest(
+                field, f"{field}: {n} responses, more than this server takes ({limit}, --max-responses)", 413
+            )
 
     async def _score(self, prompts: list[str], responses: list[list[str]]):
         from fastrm.seq2seq_rewards import score_groups
@@ -76,7 +78,8 @@ class Seq2SeqEndpoints:
             prompts, responses, _ = normalize_texts(req.prompts, req.responses)
         except (TypeError, ValueError) as e:
             msg = str(e)
-            raise BadRequest(msg.split(" ", 1)[0] if msg.startswith(("prompts", "responses")) else "responses", msg)
+            field = msg.split(" ", 1)[0] if msg.startswith(("prompts", "responses")) else "responses"
+            raise BadRequest(field, msg) from None
         return prompts, responses
 
     async def score(self, body: bytes | dict) -> dict:
@@ -100,7 +103,8 @@ class Seq2SeqEndpoints:
                 "query, as OpenRLHF does) so each query can be split",
             )
         if len(req.prompts) != len(req.query):
-            raise BadRequest("prompts", f"prompts must have one entry per query ({len(req.query)}), got {len(req.prompts)}")
+            n, got = len(req.query), len(req.prompts)
+            raise BadRequest("prompts", f"prompts must have one entry per query ({n}), got {got}")
         responses = []
         for i, (q, p) in enumerate(zip(req.query, req.prompts)):
             if not q.startswith(p):

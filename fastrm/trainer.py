@@ -198,11 +198,11 @@ class RewardTrainer:
 
         ``n_global``: the step's normaliser over all ranks (``objective.step_units`` of the whole step: its pair
         count for the scalar objective). ``host_batches``: ``pairs`` already packed on the host (by the prefetch
-        thread, fastrm.prefetch), else they are packed here. Returns device tensors (no host sync), as the objective's ``step_result``
-        arranges them, with ``counts`` [3] = (examples, tokens, micro-batches) and ``micro_batches``. The scalar
-        objective's: ``sums`` [5] (see fastrm.losses.STATS_FIELDS) over this rank's real pairs, ``mu`` (the step
-        mu when ``step_mu``, else the sum of the micro-batch mus over ``counts[2]`` micro-batches),
-        ``reward_extrema`` [2] = (-min, max) and ``reward_sum`` [1] of the rewards.
+        thread, fastrm.prefetch), else they are packed here. Returns device tensors (no host sync), as the
+        objective's ``step_result`` arranges them, with ``counts`` [3] = (examples, tokens, micro-batches) and
+        ``micro_batches``. The scalar objective's: ``sums`` [5] (see fastrm.losses.STATS_FIELDS) over this rank's
+        real pairs, ``mu`` (the step mu when ``step_mu``, else the sum of the micro-batch mus over ``counts[2]``
+        micro-batches), ``reward_extrema`` [2] = (-min, max) and ``reward_sum`` [1] of the rewards.
         """
         obj = self.objective
         if host_batches is None:

@@ -29,10 +29,8 @@ def byte_pairs():
 def trainer(tmp_path, pairs, tok, **cfg):
     torch.manual_seed(0)
     model = RewardModel.from_config("tiny-llama")
-    args = RewardConfig(
-        output_dir=str(tmp_path), progress=False, seed=1, pairs_per_step=8, max_tokens_per_batch=300,
-        num_train_epochs=2, logging_steps=1, **cfg,
-    )  # fmt: skip
+    fixed = dict(progress=False, seed=1, pairs_per_step=8, max_tokens_per_batch=300, num_train_epochs=2)
+    args = RewardConfig(output_dir=str(tmp_path), logging_steps=1, **fixed, **cfg)
     return RewardTrainer(model, args, pairs, tokenizer=tok)
 
 
@@ -44,8 +42,12 @@ def test_training_is_identical_with_and_without_prefetch(tmp_path, byte_pairs, c
     runs = []
     for prefetch in (False, True):
         tr = trainer(tmp_path / str(prefetch), pairs, tok, prefetch=prefetch, **case)
-        steps = []
-        tr.on_step_end = lambda step, m: steps.append({k: m[k] for k in ("loss", "accuracy", "tokens", "micro_batches")})
+        steps: list[dict] = []
+
+        def record(step, m, steps=steps):
+            steps.append({k: m[k] for k in ("loss", "accuracy", "tokens", "micro_batches")})
+
+        tr.on_step_end = record
         tr.train()
         runs.append((steps, {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
     (steps_a, w_a), (steps_b, w_b) = runs

@@ -57,6 +57,10 @@ CASES = {
 }
 FSDP_CASES = {"threshold_fsdp": dict(loss="threshold", margin_scope="step")}
 ALL_CASES = {**CASES, **FSDP_CASES}
+# The sequence-to-sequence objective (fastrm/seq2seq.py) on the same Ray Train path; trained first in the worker
+# group, so the last training (whose gauges the metrics test reads) stays a scalar one.
+# A seq2seq pair is two branches [x | y_l | y_w], [x | y_w | y_w]: about twice a scalar pair's tokens.
+SEQ2SEQ_CASES = {"seq2seq": dict(objective="seq2seq", prefix_sharing=True, max_tokens_per_batch=400)}
 
 
 def _rows() -> list[dict]:
@@ -150,7 +154,7 @@ def ddp_runs(ray_local, tmp_path_factory):
             fsdp=c in FSDP_CASES,
             final_name=c,  # one run folder, one final checkpoint per case
         )
-        for c, kw in ALL_CASES.items()
+        for c, kw in {**SEQ2SEQ_CASES, **ALL_CASES}.items()
     ]
     result = run_training(
         _config(base / "driver", save_total_limit=0),  # Ray keeps every case's final checkpoint
@@ -165,7 +169,7 @@ def ddp_runs(ray_local, tmp_path_factory):
         collective_timeout_s=120,
     )
     assert result.error is None
-    return {case: Path(result.path) / case for case in ALL_CASES}
+    return {case: Path(result.path) / case for case in {**SEQ2SEQ_CASES, **ALL_CASES}}
 
 
 def _gauge(text: str, name: str) -> float:
@@ -194,11 +198,12 @@ def _reference(case: str, out: Path, **kw) -> dict[str, torch.Tensor]:
     try:
         tok = byte_tokenizer()
         seed_everything(BASE["seed"])
-        model = load_model("tiny-llama", tokenizer=tok)
+        cfg = _config(out, **{**ALL_CASES, **SEQ2SEQ_CASES}[case], **kw)
+        model = load_model("tiny-llama", tokenizer=tok, objective=cfg.objective)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
         RewardTrainer(
             model,
-            _config(out, **{**ALL_CASES[case], **kw}),
+            cfg,
             _rows(),
             _eval_rows() if case == EVAL_CASE else None,
             tokenizer=tok,
@@ -238,6 +243,26 @@ def test_ddp_two_workers_equal_one_process(case, ddp_runs, tmp_path):
         assert np.abs(margins - np.load(tmp_path / "one" / "eval_margins.npy")).max() < 1e-6
         assert got == {"split": "eval", "step": 3, **margin_statistics(margins)}  # exact statistics, not averages
         assert got["num_pairs"] == 11
+
+
+def test_seq2seq_two_workers_equal_one_process(ddp_runs, tmp_path):
+    """The seq2seq objective on Ray Train (2 DDP gloo workers) = one process: the step's loss is normalised over
+    the step's target tokens on all ranks, so the weights and the global step statistics agree; the final
+    checkpoint is a seq2seq one (fastrm_seq2seq.json beside an HF causal LM)."""
+    from fastrm.seq2seq_model import Seq2SeqRewardModel
+
+    ray_out = ddp_runs["seq2seq"]
+    ref = _reference("seq2seq", tmp_path / "ref")
+    assert _max_diff(_weights(ray_out), ref) < 1e-5
+    ray_m, ref_m = _metrics(ray_out), _metrics(tmp_path / "ref")
+    assert [m["step"] for m in ray_m] == [1, 2, 3] and max(m["micro_batches"] for m in ray_m) > 1
+    keys = {k for k in ref_m[0] if isinstance(ref_m[0][k], float) and "per_s" not in k and "time" not in k}
+    assert {"loss", "token_accuracy"} <= keys
+    for a, b in zip(ray_m, ref_m):
+        for key in keys | {"tokens", "num_pairs"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert (ray_out / "fastrm_seq2seq.json").is_file()
+    assert isinstance(load_model(str(ray_out)), Seq2SeqRewardModel)
 
 
 def test_worker_failure_resumes_from_checkpoint(ddp_runs, tmp_path):

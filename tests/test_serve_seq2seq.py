@@ -3,6 +3,7 @@ scores, equal to offline ``fastrm.token_rewards`` / ``fastrm.score`` (fastrm/ser
 
 import pytest
 import torch
+from serve_helpers import AUTH, KEY, ServerThread, ckpt, post  # noqa: F401  (ckpt: the scalar checkpoint)
 
 from fastrm.config import RewardConfig
 from fastrm.loading import load_model
@@ -12,7 +13,6 @@ from fastrm.seq2seq_rewards import sequence_scores, token_rewards
 from fastrm.serve import RewardService, ServeConfig
 from fastrm.synthetic import byte_tokenizer, synthetic_pairs
 from fastrm.trainer import RewardTrainer
-from serve_helpers import AUTH, KEY, ServerThread, ckpt, post  # noqa: F401  (ckpt: the scalar checkpoint)
 
 TOK = byte_tokenizer()
 LIMITS = dict(max_batch_tokens=300, max_wait_ms=20, max_responses=16, max_body_bytes=65536, body_timeout_s=2.0)
@@ -28,10 +28,8 @@ def s2s_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = Seq2SeqRewardModel.from_config(resolve_config("tiny-llama", vocab_size=len(TOK)), attn_backend="exact")
     out = tmp_path_factory.mktemp("s2s") / "rm"
-    args = RewardConfig(
-        output_dir=str(out), objective="seq2seq", progress=False, save_final=True, max_steps=6, pairs_per_step=8,
-        learning_rate=3e-3, max_length=96,
-    )  # fmt: skip
+    fixed = dict(progress=False, save_final=True, max_steps=6, pairs_per_step=8, learning_rate=3e-3, max_length=96)
+    args = RewardConfig(output_dir=str(out), objective="seq2seq", **fixed)
     RewardTrainer(model, args, synthetic_pairs(48, seed=2), tokenizer=TOK).train()
     return out
 
