@@ -349,3 +349,22 @@ def test_chat_template_renders_the_four_turns(tmp_path):
     assert text == f"<|user|>Hi\n<|assistant|>Go away.\n<|user|>{CHAT_INSTRUCTION}\n<|assistant|>Hello!<|endoftext|>"
     ident = tok.decode(ex.prompt_ids + ident_in)
     assert ident.endswith(f"<|assistant|>Hello!\n<|user|>{CHAT_INSTRUCTION}\n<|assistant|>")
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+def test_the_demo_learns_the_rewrite_and_rewards_are_negative_exactly_on_the_rude_words(tmp_path, capsys):
+    """``fastrm demo --objective seq2seq`` as the README runs it (default epochs, about a minute on a CPU): stock
+    ``generate`` writes the kind sentence, and in each printed token-reward line a word is -1 iff it is rude."""
+    from fastrm.cli import cmd_demo
+    from fastrm.seq2seq_demo import RUDE
+
+    assert cmd_demo(["--objective", "seq2seq", "--output-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "rewrite (AutoModelForCausalLM.generate): ' Ada is helpful and kind.'" in out, out
+    lines = out.split("token rewards (fastrm.token_rewards):\n", 1)[1].strip().split("\n\n")[0].splitlines()
+    rude = set(RUDE.values())
+    assert len(lines) == 3
+    for line in lines:
+        pairs = [item.rsplit(":", 1) for item in line.split()]
+        for word, reward in pairs:
+            assert (float(reward) < 0) == (word in rude), line
