@@ -97,6 +97,29 @@ def evaluate_benchmark(
     model, tokenizer, spec = _resolve_model(model, tokenizer)
     names = [benchmark_or_files] if isinstance(benchmark_or_files, (str, os.PathLike)) else list(benchmark_or_files)
     files = read_inputs([str(n) for n in names], rm_bench_dir=rm_bench_dir, on_bad_row=on_bad_row, limit=limit)
+    from fastrm.seq2seq_rewards import is_seq2seq
+
+    if is_seq2seq(model):
+        return _seq2seq_report(
+            model,
+            tokenizer,
+            spec,
+            tokenizer_spec,
+            files,
+            t0,
+            dict(
+                chat_template=chat_template,
+                scoring_rule=scoring_rule,
+                max_length=max_length,
+                append_eos=append_eos,
+                rendering=rendering,
+                max_tokens_per_batch=max_tokens_per_batch,
+                on_bad_row=on_bad_row,
+                limit=limit,
+                output_dir=output_dir,
+                progress=progress,
+            ),
+        )
     rule = resolve_rule(model, tokenizer, scoring_rule, max_length=max_length, append_eos=append_eos)
     if rendering == "default":
         template, prompt_format = resolve_chat_template(tokenizer, chat_template or "none")
@@ -151,6 +174,61 @@ def evaluate_benchmark(
     report = build_report(files, scores, meta)
     if output_dir is not None:
         write_outputs(report, files, scores, output_dir)
+    return report
+
+
+def _seq2seq_report(model, tokenizer, spec, tokenizer_spec, files, t0: float, o: dict) -> dict:
+    """:func:`evaluate_benchmark` for a seq2seq RM: every response's sequence score (fastrm/seq2seq_rewards.py), the
+    same report. Its template, max_length and reward rule are the checkpoint's; the benchmarks' reference
+    renderings (a scalar RM's chat rendering of prompt + response) do not apply."""
+    from fastrm.seq2seq_rewards import score_bench_files
+    from fastrm.serve_seq2seq import describe
+
+    given = [k for k in ("max_length", "append_eos") if o[k] is not None]
+    if o["scoring_rule"] != "auto" or given or o["rendering"] != "default":
+        what = ", ".join(given + ([] if o["scoring_rule"] == "auto" else ["scoring_rule"]))
+        raise ValueError(
+            f"{what or 'rendering ' + o['rendering']}: a seq2seq reward model scores with its checkpoint's template "
+            "and max_length (fastrm_seq2seq.json); scoring rules and reference renderings are for scalar ones"
+        )
+    template, prompt_format = resolve_chat_template(tokenizer, o["chat_template"] or "none")
+    t1 = time.perf_counter()
+    scores = score_bench_files(
+        model,
+        tokenizer,
+        files,
+        template=template,
+        on_bad_row=o["on_bad_row"],
+        progress=o["progress"],
+        max_tokens_per_batch=o["max_tokens_per_batch"],
+    )
+    t2 = time.perf_counter()
+    n_resp = sum(len(s) for per_file in scores for s in per_file)
+    meta = {
+        "model": _describe_model(model, spec),
+        "tokenizer": tokenizer_spec or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+        "prompt_format": prompt_format,
+        "scoring_rule": {"rule": "seq2seq", "description": describe(model)},
+        "rendering": {"name": "default", "description": prompt_format},
+        "settings": {
+            "max_length": model.settings.max_length,
+            "max_tokens_per_batch": o["max_tokens_per_batch"],
+            "prefix_sharing": True,
+            "on_bad_row": o["on_bad_row"],
+            "limit": o["limit"],
+            "device": str(next(model.parameters()).device),
+        },
+        "timing": {
+            "total_s": time.perf_counter() - t0,
+            "read_tokenize_s": t1 - t0,
+            "scoring_s": t2 - t1,
+            "responses": n_resp,
+            "responses_per_s": n_resp / max(t2 - t1, 1e-9),
+        },
+    }
+    report = build_report(files, scores, meta)
+    if o["output_dir"] is not None:
+        write_outputs(report, files, scores, o["output_dir"])
     return report
 
 

@@ -308,6 +308,8 @@ def cmd_eval(argv: list[str]) -> int:
     out = Path(a.output_dir) if a.output_dir else Path(a.model) / f"eval-{_stem(a.data[0])}"
     model = _to_device(load_model(a.model))
     tok = load_tokenizer(a.tokenizer, a.model)
+    if hasattr(model, "predictions"):  # a seq2seq RM: margins of sequence scores (fastrm/seq2seq_rewards.py)
+        return _eval_seq2seq(a, model, tok, out)
     vocab = model_vocab_size(model)
     rule = rule_from_args(a, model, tok)
     print(f"[eval] scoring rule: {rule.describe()}", file=sys.stderr)
@@ -321,6 +323,35 @@ def cmd_eval(argv: list[str]) -> int:
         autocast=model.score.weight.is_cuda,
         progress=True,
     )
+    print(json.dumps(m, indent=2))
+    print(f"results in {out}", file=sys.stderr)
+    return 0
+
+
+def _eval_seq2seq(a, model, tok, out: Path) -> int:
+    from fastrm.data import load_pairs
+    from fastrm.seq2seq_rewards import evaluate_text_pairs
+
+    if a.max_length is not None or a.append_eos is not None or a.scoring_rule != "auto":
+        raise ValueError(
+            "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores with its "
+            "checkpoint's template and max_length (fastrm_seq2seq.json)"
+        )
+    s = model.settings
+    how = f"{s.sequence_score} of the token rewards, rule {s.reward_rule!r}"
+    print(f"[eval] seq2seq reward model: margin = sequence score ({how}) of chosen minus rejected", file=sys.stderr)
+    pairs, stats = load_pairs(a.data, on_bad_row=a.on_bad_row, margins="ignore", tokenizer=tok)
+    m = evaluate_text_pairs(
+        model,
+        tok,
+        pairs,
+        on_bad_row=a.on_bad_row,
+        stats=stats,
+        max_tokens_per_batch=a.max_tokens_per_batch,
+        out_dir=out,
+        progress=True,
+    )
+    _report_loading("eval", stats, out, "skipped_rows.jsonl")
     print(json.dumps(m, indent=2))
     print(f"results in {out}", file=sys.stderr)
     return 0

@@ -486,6 +486,13 @@ def run_best_of_n(
         model = cluster.resolve_path(model, "--model")
         if not is_pretrained(model):  # a config-only folder would score with random weights
             raise LoadError(f"--model {model}: not a trained checkpoint (a folder with config.json and weights)")
+        from fastrm.seq2seq_model import is_seq2seq_dir
+
+        if is_seq2seq_dir(model):
+            raise LoadError(
+                f"--model {model}: a seq2seq reward model; best-of-N on Ray Data scores scalar ones (in one process, "
+                "`fastrm score --model ... --top-k` picks the best response by sequence score)"
+            )
         probes = [model]  # not just an empty mount point: the config (a LoRA adapter's and its base's)
         if os.path.isdir(model):
             from fastrm import lora

@@ -184,3 +184,111 @@ def score_rows(
             rec.update(token_rewards=[r for _, r in detail], tokens=[t for t, _ in detail])
         out.append(rec)
     return out
+
+
+def evaluate_text_pairs(
+    model,
+    tokenizer,
+    pairs: Sequence,
+    *,
+    on_bad_row: str = "error",
+    stats=None,
+    max_tokens_per_batch: int = 16384,
+    out_dir=None,
+    name: str = "eval",
+    progress: bool = False,
+    chunk: int = 64,
+) -> dict:
+    """``fastrm eval`` for a seq2seq RM: each :class:`fastrm.data.PreferencePair`'s margin is the sequence score of
+    its chosen response minus that of its rejected one (both read against the pair's prompt), reported as for a
+    scalar RM (accuracy, margin statistics; with ``out_dir`` the metrics JSON, margins .npy and histogram PNG).
+
+    A pair whose chosen or rejected response cannot be scored (empty, or over ``max_length`` as the target) is a bad
+    row naming its ``file:line`` and field: raised, or with ``on_bad_row="skip"`` counted in ``stats`` and listed."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from fastrm.data import LoadStats, handle_bad_row
+    from fastrm.evaluation import margin_report
+    from fastrm.rows import RowError
+
+    stats = stats if stats is not None else LoadStats()
+    kept = []
+    for p in pairs:
+        for field_name, text in (("chosen", p.chosen), ("rejected", p.rejected)):
+            try:
+                scoring_branches(model, tokenizer, p.prompt, [text])
+            except ValueError as e:
+                reason = str(e).replace("response 0 ", "the response ", 1)
+                handle_bad_row(RowError(field_name, reason), p.source, on_bad_row, stats)
+                break
+        else:
+            kept.append(p)
+    if not kept:
+        raise ValueError("no pair left to evaluate" + (f" ({stats.bad_rows_skipped} skipped)" if stats.skipped else ""))
+    d = []
+    with tqdm(total=len(kept), desc="eval", unit="pair", disable=not progress) as bar:
+        for i in range(0, len(kept), chunk):
+            part = kept[i : i + chunk]
+            prompts, responses = [p.prompt for p in part], [[p.chosen, p.rejected] for p in part]
+            scores, _, _ = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
+            d.extend(c - r for c, r in scores)
+            bar.update(len(part))
+    return margin_report(np.asarray(d, dtype=np.float64), out_dir=out_dir, name=name)
+
+
+def score_bench_files(
+    model,
+    tokenizer,
+    files,
+    *,
+    template=None,
+    on_bad_row: str = "error",
+    progress: bool = False,
+    max_tokens_per_batch: int = 16384,
+    chunk: int = 64,
+) -> list[list[list[float]]]:
+    """``fastrm bench`` for a seq2seq RM: the sequence score of every response of every record of each
+    :class:`fastrm.bench_data.BenchFile` (prompt rendered with ``template`` when given), scores[f][g] = [N floats].
+
+    A record that cannot be scored (pre-tokenized, a response with no tokens, or one over ``max_length`` as the
+    target) is a bad record: raised naming its ``file:line``, or counted and listed with ``on_bad_row="skip"``;
+    it leaves ``bf.records`` as in :func:`fastrm.bench_data.tokenize_bench_file`."""
+    from tqdm.auto import tqdm
+
+    from fastrm.bench_data import _texts
+    from fastrm.rows import DataError
+
+    per_file = []
+    total = sum(len(r.responses) for f in files for r in f.records)
+    bar = tqdm(total=total, desc="bench", unit="resp", disable=not progress)
+    for bf in files:
+        kept, texts = [], []
+        for rec in bf.records:
+            if rec.prompt_ids is not None:
+                reason = "token-id rows cannot be read by a seq2seq reward model (it needs text)"
+                bf.bad_record(rec.source, reason, on_bad_row)
+                continue
+            prompt, responses = _texts(tokenizer, template, rec)
+            try:
+                scoring_branches(model, tokenizer, prompt, responses)
+            except ValueError as e:
+                bf.bad_record(rec.source, str(e), on_bad_row)
+                continue
+            kept.append(rec)
+            texts.append((prompt, responses))
+        bf.records = kept
+        if bf.format == "pairs":
+            bf.stats.pairs = len(kept)
+        if not kept:
+            raise DataError(f"{bf.path}: no records left to score")
+        scores: list[list[float]] = []
+        for i in range(0, len(texts), chunk):
+            part = texts[i : i + chunk]
+            prompts, responses = [p for p, _ in part], [rs for _, rs in part]
+            got, _, _ = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
+            scores.extend(got)
+            bar.update(sum(len(rs) for _, rs in part))
+        per_file.append(scores)
+    bar.close()
+    return per_file
