@@ -419,7 +419,8 @@ def resolve_base(adapter: str | os.PathLike, base: str | os.PathLike | None = No
         candidates = [Path(base)]
     else:
         recorded = record.get("path") or named
-        candidates = [Path(p) for p in (recorded, adapter / BASE_DIR, adapter.parent / BASE_DIR) if p]
+        inside = [adapter / recorded] if recorded and not Path(recorded).is_absolute() else []  # embed_base's
+        candidates = inside + [Path(p) for p in (recorded, adapter / BASE_DIR, adapter.parent / BASE_DIR) if p]
     found = next((c for c in candidates if Path(c, "config.json").is_file()), None)
     if found is None:
         if base is None and named and not record and allow_hub:
@@ -488,6 +489,27 @@ def save_adapter(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, 
     (out / RECORD).write_text(json.dumps({**record, "lora": model.lora.settings.fields(), "fastrm": __version__}))
     if tok is not None:
         tok.save_pretrained(out)
+
+
+def embed_base(folder: str | os.PathLike, within: str | os.PathLike) -> bool:
+    """When the adapter folder's recorded base lies under ``within`` (a folder about to disappear: a Ray worker's
+    scratch), copy the base into ``folder/lora_base`` (through symlinks) and record it there, relative to the
+    adapter folder, so the folder loads wherever it is uploaded or moved. Returns whether it did."""
+    import shutil
+
+    folder = Path(folder)
+    rec = read_record(folder)
+    src = Path(rec.get("base_model", {}).get("path", ""))
+    if not src.is_absolute() or not src.resolve().is_relative_to(Path(within).resolve()):
+        return False
+    shutil.copytree(src, folder / BASE_DIR, symlinks=False)
+    rec["base_model"]["path"] = BASE_DIR
+    (folder / RECORD).write_text(json.dumps(rec))
+    cfg_path = folder / ADAPTER_CONFIG
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = BASE_DIR  # relative: PEFT users pass the base model themselves
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return True
 
 
 def read_weights(model: Any, folder: str | os.PathLike) -> dict[str, torch.Tensor]:

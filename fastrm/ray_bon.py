@@ -233,6 +233,17 @@ class BestOfNScorer:
             load_tokenizer(tokenizer, model_path) if tokenizer or self.model.tokenizer is None else self.model.tokenizer
         )
         self.top_k, self.budget, self.prefix_sharing = top_k, max_tokens_per_batch, prefix_sharing
+        from fastrm.seq2seq_rewards import is_seq2seq
+
+        self.seq2seq = is_seq2seq(self.model)  # sequence scores of its token rewards (fastrm/seq2seq_rewards.py)
+        if self.seq2seq:
+            if max_length is not None or append_eos is not None or scoring_rule != "auto":
+                raise ValueError(
+                    "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores "
+                    "with its checkpoint's template and max_length (fastrm_seq2seq.json)"
+                )
+            self.rule = None
+            return
         # The checkpoint's scoring rule (fastrm_scoring.json; stock transformers' without one), flags override it.
         self.rule = resolve_rule(self.model, self.tokenizer, scoring_rule, max_length=max_length, append_eos=append_eos)
 
@@ -265,6 +276,8 @@ class BestOfNScorer:
 
         if not rows:
             return []
+        if self.seq2seq:
+            return self._score_seq2seq(rows)
         kw = dict(rule=self.rule)
         try:
             toks = list(
@@ -308,6 +321,36 @@ class BestOfNScorer:
             for i, s in zip(owners, res):
                 out[i] = (out[i] or []) + s
         return [o if isinstance(o, str) else [o[k] for k in inverse[i]] for i, o in enumerate(out)]
+
+    def _score_seq2seq(self, rows: list[dict]) -> list[list[float] | str]:
+        """A seq2seq RM's sequence scores per row (each distinct response once, as above), or why a row cannot be
+        scored (an empty response, or one over max_length as the target)."""
+        from fastrm.seq2seq_rewards import score_groups, scoring_branches
+
+        out: list[Any] = [None] * len(rows)
+        todo, inverse = [], {}
+        for i, r in enumerate(rows):
+            first: dict[str, int] = {}
+            inverse[i] = [first.setdefault(x, len(first)) for x in r["responses"]]
+            try:
+                scoring_branches(self.model, self.tokenizer, r["prompt"], list(first))
+            except ValueError as e:  # "response j ...", j among the distinct ones: name it by its place in the row
+                uniq, msg = list(first), str(e)
+                j = next(k for k in range(len(uniq)) if msg.startswith(f"response {k} "))
+                out[i] = msg.replace(f"response {j} ", f"response {r['responses'].index(uniq[j])} ", 1)
+                continue
+            todo.append((i, list(first)))
+        if todo:
+            scores, _, _ = score_groups(
+                self.model,
+                self.tokenizer,
+                [rows[i]["prompt"] for i, _ in todo],
+                [u for _, u in todo],
+                max_tokens_per_batch=self.budget,
+            )
+            for (i, _), s in zip(todo, scores):
+                out[i] = [s[k] for k in inverse[i]]
+        return out
 
     def _chunks(self, prompt: list[int], responses: list[list[int]]):
         shared = self.prefix_sharing
@@ -486,13 +529,6 @@ def run_best_of_n(
         model = cluster.resolve_path(model, "--model")
         if not is_pretrained(model):  # a config-only folder would score with random weights
             raise LoadError(f"--model {model}: not a trained checkpoint (a folder with config.json and weights)")
-        from fastrm.seq2seq_model import is_seq2seq_dir
-
-        if is_seq2seq_dir(model):
-            raise LoadError(
-                f"--model {model}: a seq2seq reward model; best-of-N on Ray Data scores scalar ones (in one process, "
-                "`fastrm score --model ... --top-k` picks the best response by sequence score)"
-            )
         probes = [model]  # not just an empty mount point: the config (a LoRA adapter's and its base's)
         if os.path.isdir(model):
             from fastrm import lora

@@ -142,6 +142,12 @@ class RayRewardTrainer(RewardTrainer):
         name = self.final_name if final else f"checkpoint-{self.step}"
         local = super().save_checkpoint(self.out / ".upload" / name)  # collective under FSDP; rank 0 writes
         checkpoint = None
+        if dist.is_main() and final and getattr(self.model, "lora", None) is not None:
+            from fastrm import lora
+
+            # A base written into this scratch folder (a preset, or fastrm's token ids on a source's weights) is
+            # gone after the upload: the final adapter folder carries it (step checkpoints resume from the spec).
+            lora.embed_base(local, self.out)
         if dist.is_main():
             cluster.copy_reports(_local_fs(), str(self.out), str(local), REPORT_FILES)
             ray_resume.write_manifest(local, str(self.run_id))  # lets a later driver tell a complete upload

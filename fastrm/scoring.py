@@ -132,16 +132,14 @@ def score(
     if tokenizer is None:
         raise ValueError("scoring texts needs a tokenizer (pass tokenizer=, or load a checkpoint that has one)")
     prompts, responses, single = normalize_texts(prompts, responses)
-    from fastrm.seq2seq_rewards import is_seq2seq, score_groups
-
-    if is_seq2seq(model):  # its template and max_length are the checkpoint's (fastrm_seq2seq.json)
+    if getattr(model, "token_level", False):  # a seq2seq RM: its template and max_length are the checkpoint's
         given = [f for f, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None]
         if given or scoring_rule not in ("auto", None):
             raise ValueError(
                 f"{', '.join(given) or 'scoring_rule'}: a seq2seq reward model scores with its own template and "
                 "max_length (fastrm_seq2seq.json); these settings are for scalar reward models"
             )
-        out = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)[0]
+        out = model.sequence_scores(tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
         return out[0] if single else out
     if isinstance(scoring_rule, ScoringRule):
         p, r = tokenize_groups(

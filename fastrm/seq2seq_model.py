@@ -336,6 +336,14 @@ class Seq2SeqRewardModel(nn.Module):
         return match, -nll
 
     # ---------------------------------------------------------------- rewards
+    token_level = True  # its rewards are per token; fastrm.scoring asks for sequence scores (no import of this module)
+
+    def sequence_scores(self, tokenizer, prompts, responses, *, max_tokens_per_batch: int = 16384):
+        """[G][N] sequence scores of prompts' responses (see :func:`fastrm.seq2seq_rewards.score_groups`)."""
+        from fastrm.seq2seq_rewards import score_groups
+
+        return score_groups(self, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)[0]
+
     def token_rewards(self, prompt, responses, tokenizer=None, **kwargs):
         """See :func:`fastrm.seq2seq_rewards.token_rewards`."""
         from fastrm.seq2seq_rewards import token_rewards

@@ -133,9 +133,7 @@ def token_rewards(
 
 def is_seq2seq(model) -> bool:
     """True for a sequence-to-sequence reward model (its rewards are token-level, scalars are sequence scores)."""
-    from fastrm.seq2seq_model import Seq2SeqRewardModel
-
-    return isinstance(model, Seq2SeqRewardModel)
+    return bool(getattr(model, "token_level", False))  # Seq2SeqRewardModel's class attribute
 
 
 def score_groups(

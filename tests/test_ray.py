@@ -61,6 +61,10 @@ ALL_CASES = {**CASES, **FSDP_CASES}
 # group, so the last training (whose gauges the metrics test reads) stays a scalar one.
 # A seq2seq pair is two branches [x | y_l | y_w], [x | y_w | y_w]: about twice a scalar pair's tokens.
 SEQ2SEQ_CASES = {"seq2seq": dict(objective="seq2seq", prefix_sharing=True, max_tokens_per_batch=400)}
+# LoRA adapters (PEFT) under DDP and FSDP2: the final checkpoint is an adapter folder with its base.
+LORA = dict(loss="threshold", margin_scope="step", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+LORA_CASES = {"lora_ddp": LORA, "lora_fsdp": LORA}
+FIRST_CASES = {**SEQ2SEQ_CASES, **LORA_CASES}  # trained before ALL_CASES in the worker group
 
 
 def _rows() -> list[dict]:
@@ -74,10 +78,10 @@ def _config(out: Path, **kw) -> RewardConfig:
     return RewardConfig(output_dir=str(out), **{**BASE, **kw})
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
+def _weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "model.safetensors"))
+    return load_file(str(folder / name))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -151,10 +155,10 @@ def ddp_runs(ray_local, tmp_path_factory):
             eval_data=_eval_rows() if c == EVAL_CASE else None,
             model="tiny-llama",
             tokenizer="byte",
-            fsdp=c in FSDP_CASES,
+            fsdp=c in FSDP_CASES or c == "lora_fsdp",
             final_name=c,  # one run folder, one final checkpoint per case
         )
-        for c, kw in {**SEQ2SEQ_CASES, **ALL_CASES}.items()
+        for c, kw in {**FIRST_CASES, **ALL_CASES}.items()
     ]
     result = run_training(
         _config(base / "driver", save_total_limit=0),  # Ray keeps every case's final checkpoint
@@ -169,7 +173,7 @@ def ddp_runs(ray_local, tmp_path_factory):
         collective_timeout_s=120,
     )
     assert result.error is None
-    return {case: Path(result.path) / case for case in {**SEQ2SEQ_CASES, **ALL_CASES}}
+    return {case: Path(result.path) / case for case in {**FIRST_CASES, **ALL_CASES}}
 
 
 def _gauge(text: str, name: str) -> float:
@@ -198,7 +202,7 @@ def _reference(case: str, out: Path, **kw) -> dict[str, torch.Tensor]:
     try:
         tok = byte_tokenizer()
         seed_everything(BASE["seed"])
-        cfg = _config(out, **{**ALL_CASES, **SEQ2SEQ_CASES}[case], **kw)
+        cfg = _config(out, **{**ALL_CASES, **FIRST_CASES}[case], **kw)
         model = load_model("tiny-llama", tokenizer=tok, objective=cfg.objective)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
         RewardTrainer(
@@ -211,9 +215,10 @@ def _reference(case: str, out: Path, **kw) -> dict[str, torch.Tensor]:
         ).train()
     finally:
         torch.set_num_threads(threads)
-    moved = max(float((model.state_dict()[k] - init[k]).abs().max()) for k in init)
+    after = model.state_dict()  # with LoRA the adapted layers' keys changed (base_layer): the others, head included
+    moved = max(float((after[k] - init[k]).abs().max()) for k in init.keys() & after.keys())
     assert moved > 1e-4, "training did not change the parameters"
-    return _weights(out)
+    return _weights(out) if not cfg.lora_r else _weights(out, "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("case", list(ALL_CASES))
@@ -263,6 +268,25 @@ def test_seq2seq_two_workers_equal_one_process(ddp_runs, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert (ray_out / "fastrm_seq2seq.json").is_file()
     assert isinstance(load_model(str(ray_out)), Seq2SeqRewardModel)
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_lora_on_two_workers_equals_one_process(case, ddp_runs, tmp_path):
+    """LoRA adapters under DDP and FSDP2 on 2 gloo workers = one process: the same adapters and head, the same step
+    statistics; the final checkpoint is an adapter folder whose recorded base loads with it (fastrm.load_model)."""
+    ray_out = ddp_runs[case]
+    ref = _reference(case, tmp_path / "ref")
+    got = _weights(ray_out, "adapter_model.safetensors")
+    assert got.keys() == ref.keys() and any("lora_A" in k for k in got) and any("score" in k for k in got)
+    assert _max_diff(got, ref) < 1e-5
+    for a, b in zip(_metrics(ray_out), _metrics(tmp_path / "ref")):
+        for key in ("loss", "accuracy", "mean_margin", "num_pairs", "tokens"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert (ray_out / "adapter_config.json").is_file()
+    model, ref_model = load_model(str(ray_out)).eval(), load_model(str(tmp_path / "ref")).eval()
+    prompt, responses = "Say something about Ada.\n", [" Ada is kind.", " Ada is rude."]
+    assert model.score_texts(prompt, responses) == pytest.approx(ref_model.score_texts(prompt, responses), abs=1e-5)
+    assert (ray_out / "lora_base" / "config.json").is_file()  # the base came with the folder (scratch is gone)
 
 
 def test_worker_failure_resumes_from_checkpoint(ddp_runs, tmp_path):
@@ -426,6 +450,28 @@ def test_best_of_n_matches_in_process_scoring(ray_local, rm_checkpoint, tmp_path
     res = run_best_of_n(str(src), str(tmp_path / "out.jsonl"), str(rm_checkpoint), batch_size=8, overwrite=True)
     assert res["rows"] == len(VALID) and (tmp_path / "out.jsonl").read_text().count("\n") == len(VALID)
     assert not list(tmp_path.glob(".out*.tmp-*"))  # the temporary files were renamed into place
+
+
+def test_seq2seq_best_of_n_on_ray_data_equals_in_process(ray_local, ddp_runs, tmp_path):
+    """A seq2seq checkpoint (the one Ray Train wrote above) on Ray Data: each response's sequence score as in one
+    process, and a response over max_length as the target rejects its row with the reason (never truncated)."""
+    from fastrm.ray_bon import run_best_of_n
+    from fastrm.seq2seq_rewards import score_rows
+
+    folder = ddp_runs["seq2seq"]
+    too_long = {"prompt": "Long.\n", "responses": [" fine", " x" * 100], "id": 99}  # 200 tokens > max_length 128
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [*VALID[:3], too_long, *VALID[3:]]))
+    kw = dict(num_actors=2, batch_size=3, cpus_per_actor=0.5, top_k=2, max_tokens_per_batch=600)
+    res = run_best_of_n(str(src), str(tmp_path / "out.jsonl"), str(folder), **kw)
+    assert (res["rows"], res["errors"]) == (len(VALID), 1)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    [err] = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert err["source"].endswith(":4") and "response 1 needs 200 tokens" in err["reason"], err
+    model = load_model(str(folder))
+    ref = score_rows(model, [dict(r) for r in VALID], model.tokenizer, top_k=2)
+    _check_scores(out, ref)
+    assert len({tuple(r["scores"]) for r in out}) > 3  # the trained RM scores rows differently
 
 
 # ----------------------------------------------------------------------------------------------- ray job submit
