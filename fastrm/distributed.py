@@ -93,15 +93,18 @@ def full_state_dicts(model: torch.nn.Module, optimizer=None):
     return msd, osd
 
 
-def load_full_state_dicts(model: torch.nn.Module, model_sd: dict, optimizer=None, optim_sd=None) -> None:
-    """Load full state dicts (the same on every rank) into an FSDP model and its optimizer."""
+def load_full_state_dicts(
+    model: torch.nn.Module, model_sd: dict, optimizer=None, optim_sd=None, strict: bool = True
+) -> None:
+    """Load full state dicts (the same on every rank) into an FSDP model and its optimizer; ``strict=False`` for a
+    partial ``model_sd`` (a LoRA checkpoint holds the adapters and the head; the frozen base is already loaded)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, model_sd, options=opts)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
@@ -160,8 +163,10 @@ class Replication:
             return None, None
         return full_state_dicts(self.model, optimizer)
 
-    def load_full_state(self, model_sd: dict, optimizer=None, optim_sd: dict | None = None) -> None:
-        load_full_state_dicts(self.model, model_sd, optimizer, optim_sd)
+    def load_full_state(
+        self, model_sd: dict, optimizer=None, optim_sd: dict | None = None, strict: bool = True
+    ) -> None:
+        load_full_state_dicts(self.model, model_sd, optimizer, optim_sd, strict)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

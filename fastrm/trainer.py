@@ -449,7 +449,12 @@ class RewardTrainer:
             how = "with" if state.get("fsdp") else "without"
             raise ValueError(f"{path}: optimizer state saved {how} FSDP; resume the same way")
         if self.replication.sharded:
-            self.replication.load_full_state(self.model.read_weights(path), self.optimizer, state["optimizer"])
+            weights = self.model.read_weights(path)
+            partial = getattr(self.model, "lora", None) is not None  # adapters and head only: the base is frozen
+            missing = sorted(n for n, p in self.model.named_parameters() if p.requires_grad and n not in weights)
+            if missing:
+                raise ValueError(f"{path}: no saved weights for trained parameters {', '.join(missing[:3])}")
+            self.replication.load_full_state(weights, self.optimizer, state["optimizer"], strict=not partial)
         else:
             self.model.load_weights(path)
             self.optimizer.load_state_dict(state["optimizer"])

@@ -333,6 +333,28 @@ def test_worker_failure_resumes_from_checkpoint(ddp_runs, tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == kept and (run / "model").is_dir()
 
 
+def test_lora_fsdp_worker_failure_resumes_exactly(ddp_runs, tmp_path):
+    """A LoRA run under FSDP2 that loses a worker at step 2 resumes from checkpoint-1 (adapters, head and sharded
+    optimizer state) and ends where the uninterrupted run ends."""
+    from fastrm.ray_train import run_training
+
+    marker = tmp_path / "failed-once"
+    kw = dict(data=_rows(), model="tiny-llama", tokenizer="byte", num_workers=2, collective_timeout_s=120, fsdp=True)
+    result = run_training(
+        _config(tmp_path / "out", save_steps=1, **LORA_CASES["lora_fsdp"]),
+        max_failures=1,
+        storage_path=str(tmp_path / "ray"),
+        fail_at_step=2,
+        fail_marker=str(marker),
+        **kw,
+    )
+    assert marker.exists(), "the injected failure did not happen"
+    final = Path(result.path) / "model"
+    adapters = "adapter_model.safetensors"
+    assert _max_diff(_weights(final, adapters), _weights(ddp_runs["lora_fsdp"], adapters)) < 1e-6
+    assert [m["step"] for m in _metrics(Path(result.path))] == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------------------------- best-of-N
 
 
