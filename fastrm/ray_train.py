@@ -425,6 +425,11 @@ def run_training(
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if placement_strategy not in cluster.PLACEMENT_STRATEGIES:
         raise ValueError(f"placement_strategy {placement_strategy!r}: one of {', '.join(cluster.PLACEMENT_STRATEGIES)}")
+    if args.merge_lora:  # the final model is the adapter folder Ray uploads; merging is a step of its own
+        raise ValueError(
+            "merge_lora: not applied by a Ray run (its final model is the uploaded adapter folder); merge it after "
+            "the run with `fastrm merge-lora RUN_FOLDER/model OUT`"
+        )
     loop_config = make_loop_config(
         args, data=data, model=model, tokenizer=tokenizer, eval_data=eval_data, use_gpu=use_gpu, fsdp=fsdp, **extra
     )

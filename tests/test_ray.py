@@ -333,6 +333,13 @@ def test_worker_failure_resumes_from_checkpoint(ddp_runs, tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == kept and (run / "model").is_dir()
 
 
+def test_merge_lora_on_ray_is_refused_before_any_worker_starts(tmp_path):
+    from fastrm.ray_train import run_training
+
+    with pytest.raises(ValueError, match="merge_lora: not applied by a Ray run.*fastrm merge-lora"):
+        run_training(_config(tmp_path, merge_lora=True, **LORA), data=_rows(), model="tiny-llama", tokenizer="byte")
+
+
 def test_lora_fsdp_worker_failure_resumes_exactly(ddp_runs, tmp_path):
     """A LoRA run under FSDP2 that loses a worker at step 2 resumes from checkpoint-1 (adapters, head and sharded
     optimizer state) and ends where the uninterrupted run ends."""
