@@ -6,6 +6,10 @@ checkpointing, step-wide mu_B) runs unchanged; every base weight (the lifted-out
 the ``score`` head is trained fully. Nothing of LoRA is written here by hand: the layers, their dropout and the merge
 arithmetic are PEFT's.
 
+A seq2seq RM (fastrm/seq2seq_model.py) takes the same adapters in its causal LM and trains nothing else (its LM head
+and final norm frozen); its adapter folder is PEFT's ``CAUSAL_LM`` one, loaded onto
+``AutoModelForCausalLM.from_pretrained(BASE)``, with the base always written to ``output_dir/lora_base``.
+
 An adapter folder (:func:`save_adapter`, what ``save_pretrained`` of such a model writes) is what
 ``PeftModel.save_pretrained`` writes for a sequence-classification model, so stock transformers + PEFT load it::
 
@@ -201,8 +205,15 @@ def remapped_by_peft(model: Any, targets: list[str]) -> list[str]:
     return out
 
 
+def _task(model: Any) -> tuple[str, list[str] | None]:
+    """(PEFT task type, modules_to_save): the scalar RM's score head is trained fully (SEQ_CLS); a seq2seq RM
+    (a causal LM, fastrm/seq2seq_model.py) trains nothing but the adapters (CAUSAL_LM, its LM head frozen)."""
+    return ("CAUSAL_LM", None) if getattr(model, "token_level", False) else ("SEQ_CLS", ["score"])
+
+
 def lora_config(model: Any, settings: LoraSettings) -> Any:
-    """The ``peft.LoraConfig`` of ``settings`` for this model (task SEQ_CLS, the head in ``modules_to_save``)."""
+    """The ``peft.LoraConfig`` of ``settings`` for this model (task SEQ_CLS with the head in ``modules_to_save``, or
+    CAUSAL_LM for a seq2seq RM: :func:`_task`)."""
     peft = _peft()
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -212,7 +223,7 @@ def lora_config(model: Any, settings: LoraSettings) -> Any:
         targets = "all-linear"
     else:
         targets = list(settings.target_modules)
-        if "score" in targets:
+        if "score" in targets and _task(model)[1]:
             raise LoraError("field 'lora_target_modules': 'score' is the reward head, which is trained fully")
         names = [n for n, _ in model.backbone.named_modules()]
         for t in targets:
@@ -230,13 +241,14 @@ def lora_config(model: Any, settings: LoraSettings) -> Any:
                 "them out (the default adapts the attention projections of such models)"
             )
     alpha = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
+    task, to_save = _task(model)
     return peft.LoraConfig(
-        task_type="SEQ_CLS",
+        task_type=task,
         r=settings.r,
         lora_alpha=alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
-        modules_to_save=["score"],
+        modules_to_save=to_save,
         fan_in_fan_out=_conv1d_targets(model, targets),
     )
 
@@ -275,14 +287,15 @@ def apply(model: Any, settings: LoraSettings, *, seed: int) -> None:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise LoraError(f"field 'lora_target_modules': {first}") from None
     resolved = copy.deepcopy(tuner.peft_config[ADAPTER])  # target_modules expanded (all-linear)
-    resolved.modules_to_save, resolved.task_type = ["score"], "SEQ_CLS"
+    resolved.task_type, resolved.modules_to_save = _task(model)
     resolved.target_parameters = resolved.target_parameters or None  # PEFT's MoE conversion leaves an empty set
     model.lora = LoraState(settings, resolved)
     freeze_base(model)
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only the adapters (PEFT's ``lora_`` parameters) and the score head train."""
+    """Only the adapters (PEFT's ``lora_`` parameters) and the score head train (a seq2seq RM has none: its LM head
+    and final norm stay frozen)."""
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.startswith("score."))
 
@@ -294,13 +307,6 @@ def prepare(model: Any, args: Any, tokenizer: Any = None) -> None:
     (``args.output_dir``)."""
     refuse_foreign_adapters(model)
     want = LoraSettings.from_config(args)
-    if not hasattr(model, "lora"):  # a model class without adapter support (the seq2seq RM)
-        if want is not None:
-            raise LoraError(
-                f"field 'lora_r': LoRA adapters are built for the scalar reward model; {type(model).__name__} "
-                "(objective='seq2seq') trains every weight (set lora_r=0)"
-            )
-        return
     if model.lora is None:
         if want is not None:
             apply(model, want, seed=args.seed)
@@ -362,8 +368,8 @@ def base_for(model: Any, out_dir: Path, tokenizer: Any = None) -> BaseModelRef:
     ``out_dir/lora_base`` (written at the first save)."""
     src = getattr(model, "source_dir", None)
     target = (Path(out_dir) / BASE_DIR).absolute()
-    if src is None or not Path(src, "config.json").is_file():
-        return BaseModelRef(target)
+    if src is None or not Path(src, "config.json").is_file() or getattr(model, "token_level", False):
+        return BaseModelRef(target)  # a seq2seq RM's base: its own causal-LM folder, written from its weights
     cfg, _ = _saved_config(model, tokenizer)
     on_disk = json.loads(Path(src, "config.json").read_text(encoding="utf-8"))
     if _token_ids(cfg.to_dict()) == _token_ids(on_disk):
@@ -466,7 +472,7 @@ def save_adapter(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, 
     state to write instead of ``model.state_dict()`` (FSDP gathers it)."""
     from safetensors.torch import save_file
 
-    if model.score.bias is not None:
+    if getattr(model, "score", None) is not None and model.score.bias is not None:
         raise ValueError("a head with a bias cannot be saved for AutoModelForSequenceClassification (no bias there)")
     out = Path(out_dir)
     cfg, tok = _saved_config(model, tokenizer)

@@ -52,6 +52,11 @@ def is_seq2seq_dir(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and Path(spec, SETTINGS_FILE).is_file()
 
 
+def read_settings(folder: str | os.PathLike) -> Seq2SeqSettings:
+    """The template and reward constants a seq2seq checkpoint (or adapter folder) records."""
+    return Seq2SeqSettings.from_json(json.loads(Path(folder, SETTINGS_FILE).read_text()))
+
+
 class Seq2SeqRewardModel(nn.Module):
     """Causal LM backbone + LM head on target rows (module docstring).
 
@@ -98,6 +103,7 @@ class Seq2SeqRewardModel(nn.Module):
         self.attn_backend = attn_backend
         self.fused = fused
         self.tokenizer = None
+        self.lora = None  # fastrm.lora.LoraState with LoRA adapters (only they train; the LM head stays frozen)
         self._self_test = self_test
         self._tested: set = set()
         if self_test:
@@ -144,11 +150,12 @@ class Seq2SeqRewardModel(nn.Module):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(copy.deepcopy(self.lm_config), attn_implementation="eager")
 
-    def hf_key_map(self) -> dict[str, str]:
-        """This module's state-dict keys -> the causal-LM checkpoint's (a tied head maps to nothing: HF ties it)."""
+    def hf_key_map(self, keys=None) -> dict[str, str]:
+        """This module's state-dict keys (or ``keys``) -> the causal-LM checkpoint's (a tied head maps to nothing: HF
+        ties it)."""
         prefix = getattr(self.backbone, "base_model_prefix", "model")
         out = {}
-        for key in self.state_dict():
+        for key in self.state_dict() if keys is None else keys:
             if key.startswith("backbone."):
                 out[key] = f"{prefix}.{key[len('backbone.') :]}"
             elif key.startswith("final_norm."):
@@ -158,8 +165,21 @@ class Seq2SeqRewardModel(nn.Module):
         return out
 
     def save_pretrained(self, out_dir, tokenizer=None, state_dict: dict | None = None) -> None:
-        """Write an HF causal-LM folder (+ the tokenizer) and ``fastrm_seq2seq.json``. ``state_dict``: this module's
-        full state to write instead of ``self.state_dict()`` (FSDP gathers it)."""
+        """Write an HF causal-LM folder (+ the tokenizer) and ``fastrm_seq2seq.json``; with LoRA adapters an adapter
+        folder ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads
+        (:func:`fastrm.lora.save_adapter`), with the same settings file. ``state_dict``: this module's full state to
+        write instead of ``self.state_dict()`` (FSDP gathers it)."""
+        if self.lora is not None:
+            from fastrm import lora
+
+            lora.save_adapter(self, out_dir, tokenizer, state_dict)
+            Path(out_dir, SETTINGS_FILE).write_text(json.dumps(self.settings.to_json(), indent=2) + "\n")
+            return
+        self.save_plain(out_dir, tokenizer, state_dict)
+
+    def save_plain(self, out_dir, tokenizer=None, state_dict: dict | None = None) -> None:
+        """:meth:`save_pretrained` without adapters: ``state_dict`` may hold a plain model's keys (a LoRA base, a
+        merged model)."""
         tok = tokenizer if tokenizer is not None else self.tokenizer
         cfg = copy.deepcopy(self.lm_config)
         if tok is not None:
@@ -169,7 +189,7 @@ class Seq2SeqRewardModel(nn.Module):
         hf = self._hf_skeleton()
         hf.config = cfg
         own = state_dict if state_dict is not None else self.state_dict()
-        state = {hk: own[k] for k, hk in self.hf_key_map().items()}
+        state = {hk: own[k] for k, hk in self.hf_key_map(own).items()}
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         if self.tied:
             hf.tie_weights()
@@ -185,7 +205,13 @@ class Seq2SeqRewardModel(nn.Module):
         Path(out_dir, SETTINGS_FILE).write_text(json.dumps(self.settings.to_json(), indent=2) + "\n")
 
     def read_weights(self, ckpt_dir) -> dict[str, torch.Tensor]:
+        """This module's state from a checkpoint :meth:`save_pretrained` wrote (with adapters: the adapters)."""
         from safetensors.torch import load_file
+
+        if self.lora is not None:
+            from fastrm import lora
+
+            return lora.read_weights(self, ckpt_dir)
 
         files = sorted(Path(ckpt_dir).glob("*.safetensors"))
         if not files:
