@@ -11,8 +11,8 @@
 # each writes its JSON as it goes, so a cut run still returns what it finished:
 #   correctness  CUDA tests (-m gpu): the fused head+loss op compiled for real in bf16/fp16 on HH packs, varlen
 #                attention in bf16 on HH lengths at NeoX/Llama/Qwen2 widths in both layouts, sequences of exactly
-#                2048 tokens, [the fused linear + cross-entropy kernel's tests, once kernels/linear_cross_entropy.py
-#                exists]                                                           -> correctness.json
+#                2048 tokens, the fused linear + cross-entropy kernel's tests, the prefetched batches pinned
+#                                                                                  -> correctness.json
 #   train        pythia-410m shape, stacks A B C C0 D CT side by side, profile of one C step -> train_pythia-410m.json
 #   bon          best-of-N scoring at N = 4/16/64 vs HF padded                     -> bon_pythia-410m.json
 #   kernels      the fused op vs the eager composition at HH-pack sizes            -> kernels.json
@@ -75,6 +75,7 @@ correctness() {
     local files=(tests/test_gpu_hh_packs.py tests/test_kernel_reward_head_loss.py tests/test_kernel_edges.py)
     # the fused linear + cross-entropy kernel (kernels/linear_cross_entropy.py), right after the fused head's
     files+=(tests/test_kernel_linear_ce.py)
+    files+=(tests/test_prefetch.py) # the prefetched batches are pinned on CUDA
     files+=(tests/test_varlen_lengths.py tests/test_attention_features.py) # flex attention compiles last
     FASTRM_RUNBOOK_JSON="$OUT/correctness.json" "$PY" -m pytest -q -p no:cacheprovider -p runbook_plugin -m gpu \
         "${files[@]}"
