@@ -181,15 +181,15 @@ def _seq2seq_report(model, tokenizer, spec, tokenizer_spec, files, t0: float, o:
     """:func:`evaluate_benchmark` for a seq2seq RM: every response's sequence score (fastrm/seq2seq_rewards.py), the
     same report. Its template, max_length and reward rule are the checkpoint's; the benchmarks' reference
     renderings (a scalar RM's chat rendering of prompt + response) do not apply."""
+    from fastrm.formatting import refuse_rule_settings
     from fastrm.seq2seq_rewards import score_bench_files
     from fastrm.serve_seq2seq import describe
 
-    given = [k for k in ("max_length", "append_eos") if o[k] is not None]
-    if o["scoring_rule"] != "auto" or given or o["rendering"] != "default":
-        what = ", ".join(given + ([] if o["scoring_rule"] == "auto" else ["scoring_rule"]))
+    refuse_rule_settings(o["scoring_rule"], o["max_length"], o["append_eos"])
+    if o["rendering"] != "default":
         raise ValueError(
-            f"{what or 'rendering ' + o['rendering']}: a seq2seq reward model scores with its checkpoint's template "
-            "and max_length (fastrm_seq2seq.json); scoring rules and reference renderings are for scalar ones"
+            f"--rendering {o['rendering']}: the benchmarks' reference renderings are a scalar reward model's (its chat "
+            "rendering of prompt + response); a seq2seq one reads both through its checkpoint's template"
         )
     template, prompt_format = resolve_chat_template(tokenizer, o["chat_template"] or "none")
     t1 = time.perf_counter()

@@ -330,13 +330,10 @@ def cmd_eval(argv: list[str]) -> int:
 
 def _eval_seq2seq(a, model, tok, out: Path) -> int:
     from fastrm.data import load_pairs
+    from fastrm.formatting import refuse_rule_settings
     from fastrm.seq2seq_rewards import evaluate_text_pairs
 
-    if a.max_length is not None or a.append_eos is not None or a.scoring_rule != "auto":
-        raise ValueError(
-            "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores with its "
-            "checkpoint's template and max_length (fastrm_seq2seq.json)"
-        )
+    refuse_rule_settings(a.scoring_rule, a.max_length, a.append_eos)
     s = model.settings
     how = f"{s.sequence_score} of the token rewards, rule {s.reward_rule!r}"
     print(f"[eval] seq2seq reward model: margin = sequence score ({how}) of chosen minus rejected", file=sys.stderr)

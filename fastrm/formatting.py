@@ -223,6 +223,18 @@ def model_rule(model: Any) -> ScoringRule | None:
     return getattr(model, "scoring_rule", None)
 
 
+def refuse_rule_settings(scoring_rule: Any = "auto", max_length: int | None = None, append_eos: bool | None = None):
+    """A seq2seq reward model scores with its checkpoint's template and max_length (fastrm_seq2seq.json), not by a
+    scoring rule: a ValueError naming whichever rule setting was given (every inference path calls this for one)."""
+    given = [n for n, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None]
+    given += [] if scoring_rule in ("auto", None) else ["scoring_rule"]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} (--{given[0].replace('_', '-')}): a seq2seq reward model scores with its "
+            "checkpoint's template and max_length (fastrm_seq2seq.json); scoring-rule settings are for scalar ones"
+        )
+
+
 def resolve_rule(
     model: Any = None,
     tokenizer: Any = None,

@@ -237,11 +237,9 @@ class BestOfNScorer:
 
         self.seq2seq = is_seq2seq(self.model)  # sequence scores of its token rewards (fastrm/seq2seq_rewards.py)
         if self.seq2seq:
-            if max_length is not None or append_eos is not None or scoring_rule != "auto":
-                raise ValueError(
-                    "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores "
-                    "with its checkpoint's template and max_length (fastrm_seq2seq.json)"
-                )
+            from fastrm.formatting import refuse_rule_settings
+
+            refuse_rule_settings(scoring_rule, max_length, append_eos)
             self.rule = None
             return
         # The checkpoint's scoring rule (fastrm_scoring.json; stock transformers' without one), flags override it.

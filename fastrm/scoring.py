@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fastrm.formatting import ScoringRule, encode_groups, resolve_rule
+from fastrm.formatting import ScoringRule, encode_groups, refuse_rule_settings, resolve_rule
 from fastrm.packing import group_cost, pack_prompt_responses, plan_micro_batches
 
 
@@ -133,12 +133,7 @@ def score(
         raise ValueError("scoring texts needs a tokenizer (pass tokenizer=, or load a checkpoint that has one)")
     prompts, responses, single = normalize_texts(prompts, responses)
     if getattr(model, "token_level", False):  # a seq2seq RM: its template and max_length are the checkpoint's
-        given = [f for f, v in (("max_length", max_length), ("append_eos", append_eos)) if v is not None]
-        if given or scoring_rule not in ("auto", None):
-            raise ValueError(
-                f"{', '.join(given) or 'scoring_rule'}: a seq2seq reward model scores with its own template and "
-                "max_length (fastrm_seq2seq.json); these settings are for scalar reward models"
-            )
+        refuse_rule_settings(scoring_rule, max_length, append_eos)
         out = model.sequence_scores(tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
         return out[0] if single else out
     if isinstance(scoring_rule, ScoringRule):

@@ -37,7 +37,7 @@ except ImportError as e:  # an optional extra: say how to get it instead of a ba
     raise ImportError(f"fastrm serve needs FastAPI and uvicorn: pip install 'fastrm[serve]' ({e})") from e
 
 from fastrm.batching import BatcherClosed, BatchStats, DynamicBatcher
-from fastrm.formatting import ScoringRule, add_rule_flags, resolve_rule
+from fastrm.formatting import ScoringRule, add_rule_flags, refuse_rule_settings, resolve_rule
 from fastrm.serve_requests import Limits, Prepared, prepare_classify, prepare_get_reward, prepare_score
 from fastrm.serve_schema import BadRequest, ClassifyRequest, GetRewardRequest, ScoreRequest, parse_body
 
@@ -220,11 +220,7 @@ class RewardService:
         if is_seq2seq(model):  # token rewards; /score and /get_reward answer sequence scores (fastrm/serve_seq2seq.py)
             from fastrm import serve_seq2seq
 
-            if config.max_length is not None or config.append_eos is not None or config.scoring_rule != "auto":
-                raise ValueError(
-                    "--scoring-rule/--max-length/--append-eos are for scalar reward models; a seq2seq one scores with "
-                    "its checkpoint's template and max_length (fastrm_seq2seq.json)"
-                )
+            refuse_rule_settings(config.scoring_rule, config.max_length, config.append_eos)
             self.rule = serve_seq2seq.scoring_rule(model)
             self.seq2seq = serve_seq2seq.Seq2SeqEndpoints(self)
         else:

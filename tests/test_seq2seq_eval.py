@@ -66,7 +66,7 @@ def test_bench_scores_each_response_by_its_sequence_score(s2s, tmp_path):
     assert report["scoring_rule"]["rule"] == "seq2seq" and report["files"][0]["scored"] == 10
     scores = [json.loads(x)["scores"] for x in (out / "bench_scores.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([c - r for c, r in scores], _independent_margins(folder, rows), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="reference renderings are for scalar ones"):
+    with pytest.raises(ValueError, match="--rendering rm-bench: the benchmarks' reference renderings are a scalar"):
         main(["bench", "--model", str(folder), str(data), "--rendering", "rm-bench", "--debug"])
 
 

@@ -68,6 +68,8 @@ def test_score_and_get_reward_answer_sequence_scores(server, offline):
     sequence_scores prompt by prompt; /get_reward splits each query at its prompt."""
     want = [sequence_scores(offline, p, rs) for p, rs in zip(PROMPTS, RESPONSES)]
     assert score(offline, PROMPTS, RESPONSES, max_tokens_per_batch=300) == want
+    with pytest.raises(ValueError, match=r"append_eos \(--append-eos\): a seq2seq reward model"):
+        score(offline, PROMPTS, RESPONSES, append_eos=False)  # a scalar RM's setting is refused, not ignored
     r = post(server, "/score", {"prompts": PROMPTS, "responses": RESPONSES})
     assert r.status_code == 200, r.text
     assert r.json() == {"rewards": want}
@@ -111,5 +113,5 @@ def test_health_says_seq2seq_and_scalar_flags_are_refused(server, s2s_ckpt):
 
     h = httpx.get(server.url + "/health", headers=AUTH, timeout=30).json()
     assert h["scoring_rule"] == "seq2seq" and "max_length 96" in h["scoring"]
-    with pytest.raises(ValueError, match="for scalar reward models"):
+    with pytest.raises(ValueError, match=r"max_length \(--max-length\): a seq2seq reward model scores with its"):
         RewardService.load(ServeConfig(model=str(s2s_ckpt), max_length=64, **LIMITS))
