@@ -144,32 +144,40 @@ def evaluate_benchmark(
     scores, tokens = score_groups(
         model, groups, max_tokens_per_batch=max_tokens_per_batch, prefix_sharing=prefix_sharing, progress=progress
     )
-    t2 = time.perf_counter()
-    n_resp = sum(len(s) for per_file in scores for s in per_file)
-    meta = {
+    settings = dict(max_length=used_max_length, max_tokens_per_batch=max_tokens_per_batch)
+    settings.update(prefix_sharing=prefix_sharing, on_bad_row=on_bad_row, limit=limit)
+    scoring = (
+        {"rule": rule.rule, "description": rule.describe(), **rule.to_dict()}
+        if rendering == "default"
+        else {"rule": "reference", "description": "the reference rendering's own (see rendering)"}
+    )
+    meta = _meta(model, spec, tokenizer, tokenizer_spec, prompt_format, scoring, rendering_info, settings)
+    return _finish(files, scores, meta, (t0, t1, time.perf_counter()), tokens, output_dir)
+
+
+def _meta(model, spec, tokenizer, tokenizer_spec, prompt_format, scoring: dict, rendering: dict, settings: dict):
+    """The report's description of what was scored and how (everything but the timing)."""
+    return {
         "model": _describe_model(model, spec),
         "tokenizer": tokenizer_spec or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
         "prompt_format": prompt_format,
-        "scoring_rule": {"rule": rule.rule, "description": rule.describe(), **rule.to_dict()}
-        if rendering == "default"
-        else {"rule": "reference", "description": "the reference rendering's own (see rendering)"},
-        "rendering": rendering_info,
-        "settings": {
-            "max_length": used_max_length,
-            "max_tokens_per_batch": max_tokens_per_batch,
-            "prefix_sharing": prefix_sharing,
-            "on_bad_row": on_bad_row,
-            "limit": limit,
-            "device": str(next(model.parameters()).device),
-        },
-        "timing": {
-            "total_s": time.perf_counter() - t0,
-            "read_tokenize_s": t1 - t0,
-            "scoring_s": t2 - t1,
-            "responses": n_resp,
-            "responses_per_s": n_resp / max(t2 - t1, 1e-9),
-            **tokens,
-        },
+        "scoring_rule": scoring,
+        "rendering": rendering,
+        "settings": {**settings, "device": str(next(model.parameters()).device)},
+    }
+
+
+def _finish(files, scores, meta: dict, times: tuple[float, float, float], tokens: dict, output_dir) -> dict:
+    """The report from the scores (``times``: start, scoring start, scoring end); written to ``output_dir``."""
+    t0, t1, t2 = times
+    n_resp = sum(len(s) for per_file in scores for s in per_file)
+    meta["timing"] = {
+        "total_s": time.perf_counter() - t0,
+        "read_tokenize_s": t1 - t0,
+        "scoring_s": t2 - t1,
+        "responses": n_resp,
+        "responses_per_s": n_resp / max(t2 - t1, 1e-9),
+        **tokens,
     }
     report = build_report(files, scores, meta)
     if output_dir is not None:
@@ -202,34 +210,12 @@ def _seq2seq_report(model, tokenizer, spec, tokenizer_spec, files, t0: float, o:
         progress=o["progress"],
         max_tokens_per_batch=o["max_tokens_per_batch"],
     )
-    t2 = time.perf_counter()
-    n_resp = sum(len(s) for per_file in scores for s in per_file)
-    meta = {
-        "model": _describe_model(model, spec),
-        "tokenizer": tokenizer_spec or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-        "prompt_format": prompt_format,
-        "scoring_rule": {"rule": "seq2seq", "description": describe(model)},
-        "rendering": {"name": "default", "description": prompt_format},
-        "settings": {
-            "max_length": model.settings.max_length,
-            "max_tokens_per_batch": o["max_tokens_per_batch"],
-            "prefix_sharing": True,
-            "on_bad_row": o["on_bad_row"],
-            "limit": o["limit"],
-            "device": str(next(model.parameters()).device),
-        },
-        "timing": {
-            "total_s": time.perf_counter() - t0,
-            "read_tokenize_s": t1 - t0,
-            "scoring_s": t2 - t1,
-            "responses": n_resp,
-            "responses_per_s": n_resp / max(t2 - t1, 1e-9),
-        },
-    }
-    report = build_report(files, scores, meta)
-    if o["output_dir"] is not None:
-        write_outputs(report, files, scores, o["output_dir"])
-    return report
+    settings = dict(max_length=model.settings.max_length, max_tokens_per_batch=o["max_tokens_per_batch"])
+    settings.update(prefix_sharing=True, on_bad_row=o["on_bad_row"], limit=o["limit"])
+    scoring = {"rule": "seq2seq", "description": describe(model)}
+    rendering = {"name": "default", "description": prompt_format}
+    meta = _meta(model, spec, tokenizer, tokenizer_spec, prompt_format, scoring, rendering, settings)
+    return _finish(files, scores, meta, (t0, t1, time.perf_counter()), {}, o["output_dir"])
 
 
 def _resolve_model(model: Any, tokenizer: Any) -> tuple[Any, Any, str | None]:
