@@ -143,7 +143,10 @@ def _rule_report(model: str, choice: str) -> dict[str, Any]:
     """What the actors score by (each resolves it from the checkpoint: :func:`fastrm.formatting.resolve_rule`)."""
     from fastrm.formatting import read_rule
     from fastrm.ray_cluster import is_uri
+    from fastrm.seq2seq_model import is_seq2seq_dir
 
+    if is_seq2seq_dir(model):  # the actors score sequence scores of token rewards (fastrm/seq2seq_rewards.py)
+        return {"rule": "seq2seq", "description": "seq2seq (sequence scores of the checkpoint's token rewards)"}
     saved = read_rule(model) if not is_uri(model) and os.path.isdir(model) else None
     if choice == "auto" and saved is not None:
         return {"rule": saved.rule, "description": saved.describe(), **saved.to_dict()}
