@@ -192,21 +192,15 @@ def load_model(
 
     from fastrm.seq2seq_model import is_seq2seq_dir
 
-    if objective == "seq2seq" or is_seq2seq_dir(spec):
-        return load_seq2seq_model(spec, tokenizer=tokenizer, base=base, allow_hub=allow_hub, **model_kwargs)
-    vocab = len(tokenizer) if tokenizer is not None else None
     if base is not None and not lora.is_adapter_dir(spec):
         raise LoadError(
             f"base={base!r} is for a LoRA adapter folder, and {str(spec)!r} is none (no adapter_config.json)"
         )
+    if objective == "seq2seq" or is_seq2seq_dir(spec):
+        return load_seq2seq_model(spec, tokenizer=tokenizer, base=base, allow_hub=allow_hub, **model_kwargs)
+    vocab = len(tokenizer) if tokenizer is not None else None
     if lora.is_adapter_dir(spec):
-        base_dir = lora.resolve_base(spec, base, allow_hub=hub_allowed(allow_hub))
-        model = load_model(base_dir, allow_hub=allow_hub, **model_kwargs)
-        lora.attach(model, spec, base_dir)
-        if _has_tokenizer(spec):
-            from fastrm.saved_tokenizer import load_folder_tokenizer
-
-            model.tokenizer = load_folder_tokenizer(spec)
+        model = _load_adapter(spec, base, allow_hub, lambda d: load_model(d, allow_hub=allow_hub, **model_kwargs))
     elif isinstance(spec, PretrainedConfig) or (isinstance(spec, str) and spec in PRESETS):
         model = RewardModel.from_config(resolve_config(spec, vocab), **model_kwargs)
     elif (gguf := gguf_location(spec)) is not None:
@@ -241,27 +235,30 @@ def load_model(
     return model
 
 
+def _load_adapter(spec: Any, base: Any, allow_hub: bool | None, load_base):
+    """A LoRA adapter folder: its base (the recorded one, or ``base``) loaded by ``load_base(folder)``, the adapters
+    attached, and the folder's own tokenizer."""
+    base_dir = lora.resolve_base(spec, base, allow_hub=hub_allowed(allow_hub))
+    model = load_base(base_dir)
+    lora.attach(model, spec, base_dir)
+    if _has_tokenizer(spec):
+        from fastrm.saved_tokenizer import load_folder_tokenizer
+
+        model.tokenizer = load_folder_tokenizer(spec)
+    return model
+
+
 def load_seq2seq_model(spec: Any, *, tokenizer: Any = None, base: Any = None, allow_hub: bool | None = None, **kwargs):
     """A :class:`Seq2SeqRewardModel` from a model spec (a preset, a config.json, a causal-LM or seq2seq checkpoint
     folder, a .gguf file; see the module docstring)."""
     from fastrm.seq2seq_model import Seq2SeqRewardModel
 
     vocab = len(tokenizer) if tokenizer is not None else None
-    if lora.is_adapter_dir(spec):  # LoRA adapters of a seq2seq RM: its base (recorded), the adapters, its settings
+    if lora.is_adapter_dir(spec):  # LoRA adapters of a seq2seq RM, with the settings the folder records
         from fastrm.seq2seq_model import read_settings
 
-        base_dir = lora.resolve_base(spec, base, allow_hub=hub_allowed(allow_hub))
-        model = load_seq2seq_model(base_dir, **kwargs)
+        model = _load_adapter(spec, base, allow_hub, lambda d: load_seq2seq_model(d, **kwargs))
         model.settings = read_settings(spec)
-        lora.attach(model, spec, base_dir)
-        if _has_tokenizer(spec):
-            from fastrm.saved_tokenizer import load_folder_tokenizer
-
-            model.tokenizer = load_folder_tokenizer(spec)
-    elif base is not None:
-        raise LoadError(
-            f"base={base!r} is for a LoRA adapter folder, and {str(spec)!r} is none (no adapter_config.json)"
-        )
     elif isinstance(spec, str) and spec in PRESETS:
         model = Seq2SeqRewardModel.from_config(resolve_config(spec, vocab), **kwargs)
     elif (gguf := gguf_location(spec)) is not None:
