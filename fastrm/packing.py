@@ -21,7 +21,7 @@ rejected rows, so rewards[:B] are chosen and rewards[B:] rejected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Literal, Protocol, Sequence
 
 import torch
@@ -35,6 +35,20 @@ class PairLike(Protocol):
     rejected_ids: list[int]
     margin: float | None
     source: str
+
+
+def map_tensors(obj, fn):
+    """``obj`` (a dataclass: a :class:`PackedBatch` or a subclass, an :class:`AttentionPlan`) with ``fn`` applied to
+    every tensor field, those of nested dataclasses too; other fields (host lists, caches) are kept as they are.
+    One walk for moving a batch (``.to``) and pinning it (fastrm/prefetch.py)."""
+    changes = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            changes[f.name] = fn(v)
+        elif is_dataclass(v) and not isinstance(v, type):
+            changes[f.name] = map_tensors(v, fn)
+    return replace(obj, **changes)
 
 
 @dataclass
@@ -70,16 +84,7 @@ class AttentionPlan:
         return self.bounds
 
     def to(self, device) -> "AttentionPlan":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(
-            self,
-            cu_q=mv(self.cu_q),
-            cu_k=mv(self.cu_k),
-            k_index=mv(self.k_index),
-            doc_ids=mv(self.doc_ids),
-            branch_ids=mv(self.branch_ids),
-            cache={},
-        )
+        return replace(map_tensors(self, lambda t: t.to(device, non_blocking=True)), cache={})
 
 
 @dataclass
@@ -117,15 +122,10 @@ class PackedBatch:
         return int(self.input_ids.numel())
 
     def to(self, device) -> "PackedBatch":
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            position_ids=self.position_ids.to(device, non_blocking=True),
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
-            pool_index=self.pool_index.to(device, non_blocking=True),
-            attn=self.attn.to(device),
-            margin=None if self.margin is None else self.margin.to(device, non_blocking=True),
-        )
+        """The batch (a subclass's own tensor fields too) on ``device``; the attention plan's derived masks are
+        dropped, as :meth:`AttentionPlan.to` does."""
+        moved = map_tensors(self, lambda t: t.to(device, non_blocking=True))
+        return replace(moved, attn=replace(moved.attn, cache={}))
 
 
 class PackingError(ValueError):

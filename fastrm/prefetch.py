@@ -43,18 +43,9 @@ class HostStep:
 
 def pin_batch(batch):
     """``batch`` (a PackedBatch or subclass) with every tensor field, and its attention plan's, in pinned memory."""
-    import dataclasses
+    from fastrm.packing import map_tensors
 
-    def pin(value):
-        if isinstance(value, torch.Tensor):
-            return value.pin_memory()
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.replace(
-                value, **{f.name: pin(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-            )
-        return value
-
-    return pin(batch)
+    return map_tensors(batch, torch.Tensor.pin_memory)
 
 
 class StepPrefetcher(Generic[T]):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,17 +114,6 @@ class Seq2SeqBatch(PackedBatch):
     targets: torch.Tensor | None = None
     target_branch: torch.Tensor | None = None
     branch_kind: torch.Tensor | None = None
-
-    def to(self, device) -> "Seq2SeqBatch":
-        moved = PackedBatch.to(self, device)
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(
-            moved,
-            target_index=mv(self.target_index),
-            targets=mv(self.targets),
-            target_branch=mv(self.target_branch),
-            branch_kind=mv(self.branch_kind),
-        )
 
 
 def pack_branches(

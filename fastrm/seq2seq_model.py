@@ -205,31 +205,16 @@ class Seq2SeqRewardModel(nn.Module):
         Path(out_dir, SETTINGS_FILE).write_text(json.dumps(self.settings.to_json(), indent=2) + "\n")
 
     def read_weights(self, ckpt_dir) -> dict[str, torch.Tensor]:
-        """This module's state from a checkpoint :meth:`save_pretrained` wrote (with adapters: the adapters)."""
-        from safetensors.torch import load_file
+        """This module's state from a checkpoint :meth:`save_pretrained` wrote (with adapters: the adapters); the
+        scalar model's reader, through this model's :meth:`hf_key_map`."""
+        from fastrm.model import RewardModel
 
-        if self.lora is not None:
-            from fastrm import lora
-
-            return lora.read_weights(self, ckpt_dir)
-
-        files = sorted(Path(ckpt_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors weights")
-        hf_state = {}
-        for f in files:
-            hf_state.update(load_file(str(f)))
-        keys = self.hf_key_map()
-        missing = [hk for hk in keys.values() if hk not in hf_state]
-        if missing:
-            raise RuntimeError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
-        return {k: hf_state[hk] for k, hk in keys.items()}
+        return RewardModel.read_weights(self, ckpt_dir)
 
     def load_weights(self, ckpt_dir) -> None:
-        own = self.state_dict()
-        with torch.no_grad():
-            for key, value in self.read_weights(ckpt_dir).items():
-                own[key].copy_(value)
+        from fastrm.model import RewardModel
+
+        RewardModel.load_weights(self, ckpt_dir)
 
     def decoder_layers(self) -> list[nn.Module]:
         from fastrm.model import RewardModel
