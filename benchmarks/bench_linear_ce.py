@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,28 +126,20 @@ def child_measure(variant: str, N: int, H: int, V: int, dtype: str) -> dict:
 
 
 def measure(variant: str, N: int, H: int, V: int, dtype: str, timeout: int = 1800) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    if variant in ("fastrm_triton", "liger") and not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
+    from bench_machine import run_fresh
+
+    interpret = variant in ("fastrm_triton", "liger") and not torch.cuda.is_available()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, str(N), str(H), str(V), dtype]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if p.returncode != 0:
-        raise RuntimeError(f"{variant} N={N} H={H} V={V} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_fresh(cmd, f"{variant} N={N} H={H} V={V}", timeout, {"TRITON_INTERPRET": "1"} if interpret else None)
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     import triton
+    from bench_machine import cpu_name
 
     return {
         "machine": f"{platform.node()} ({platform.platform()})",
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpus_visible": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

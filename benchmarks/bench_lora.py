@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,26 +112,19 @@ def child(variant: str, a: argparse.Namespace) -> dict:
 
 
 def run_variant(variant: str, argv: list[str], timeout: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")  # freed blocks leave RSS
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if p.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from bench_machine import run_fresh
+
+    return run_fresh([sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant], variant, timeout)
 
 
 def versions() -> dict:
     import peft
     import transformers
+    from bench_machine import cpu_name
 
     from fastrm.version import __version__
 
-    cpu = platform.processor()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "machine": f"{platform.node()} ({platform.platform()})",

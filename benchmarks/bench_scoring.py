@@ -164,15 +164,9 @@ def variants(rm, hf, prompts, responses, budget: int, hf_batch: int, device):
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {os.cpu_count()} cores visible"
+    from bench_machine import cpu_name
+
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores visible"
 
 
 def main(argv=None) -> dict:
