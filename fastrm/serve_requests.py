@@ -65,12 +65,12 @@ class Prepared:
     tokens: int
 
 
-def _field_of(message: str, default: str) -> str:
+def field_of(message: str, default: str) -> str:
     m = _FIELD.match(message)
     return m.group(0) if m else default
 
 
-def _check_count(n: int, limits: Limits, field: str) -> None:
+def check_count(n: int, limits: Limits, field: str) -> None:
     if n > limits.max_responses:
         raise BadRequest(
             field, f"{field}: {n} responses, more than this server takes ({limits.max_responses}, --max-responses)", 413
@@ -95,9 +95,9 @@ def prepare_score(tokenizer, req: ScoreRequest, limits: Limits) -> Prepared:
     try:
         prompts, responses, _ = normalize_texts(req.prompts, req.responses)
     except (TypeError, ValueError) as e:
-        raise BadRequest(_field_of(str(e), "responses"), str(e)) from None
-    _check_count(len(prompts), limits, "prompts")
-    _check_count(sum(map(len, responses)), limits, "responses")
+        raise BadRequest(field_of(str(e), "responses"), str(e)) from None
+    check_count(len(prompts), limits, "prompts")
+    check_count(sum(map(len, responses)), limits, "responses")
     rule = dataclasses.replace(limits.rule, max_length=limits.max_length)
     try:
         enc = encode_groups(rule, tokenizer, prompts, responses)
@@ -109,7 +109,7 @@ def prepare_score(tokenizer, req: ScoreRequest, limits: Limits) -> Prepared:
 
 def prepare_get_reward(tokenizer, req: GetRewardRequest, limits: Limits) -> Prepared:
     """``/get_reward``: one group per query (see :func:`prepare_queries`)."""
-    _check_count(len(req.query), limits, "query")
+    check_count(len(req.query), limits, "query")
     if req.prompts is not None and len(req.prompts) != len(req.query):
         raise BadRequest("prompts", f"prompts must have one entry per query ({len(req.query)}), got {len(req.prompts)}")
     groups, flags, split = prepare_queries(
@@ -129,7 +129,7 @@ def prepare_classify(tokenizer, req: ClassifyRequest, limits: Limits) -> Prepare
     texts = [req.input] if isinstance(req.input, str) else req.input
     if not texts:
         raise BadRequest("input", "input: empty list, nothing to score")
-    _check_count(len(texts), limits, "input")
+    check_count(len(texts), limits, "input")
     groups, flags, split = prepare_queries(
         tokenizer, texts, None, max_length=limits.max_length, field="input", rule=limits.rule
     )

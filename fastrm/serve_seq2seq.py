@@ -18,6 +18,7 @@ from typing import Any
 
 from fastrm.formatting import ScoringRule
 from fastrm.scoring import normalize_texts
+from fastrm.serve_requests import check_count, field_of
 from fastrm.serve_schema import BadRequest, ClassifyRequest, GetRewardRequest, ScoreRequest, parse_body
 
 
@@ -47,18 +48,11 @@ class Seq2SeqEndpoints:
 
         token_decisions(self.service.model, [([1, 2], [([3], [4])])])
 
-    def _check_count(self, n: int, field: str) -> None:
-        limit = self.service.limits.max_responses
-        if n > limit:
-            raise BadRequest(
-                field, f"{field}: {n} responses, more than this server takes ({limit}, --max-responses)", 413
-            )
-
     async def _score(self, prompts: list[str], responses: list[list[str]]):
         from fastrm.seq2seq_rewards import score_groups
 
         svc = self.service
-        self._check_count(sum(map(len, responses)), "responses")
+        check_count(sum(map(len, responses)), svc.limits, "responses")
 
         def run():
             return score_groups(
@@ -69,17 +63,15 @@ class Seq2SeqEndpoints:
             try:
                 return await asyncio.to_thread(run)
             except ValueError as e:  # a response with no tokens, or a target over max_length: the client's
-                field = str(e).split(" ", 1)[0] if str(e).startswith("responses[") else "responses"
-                raise BadRequest(field, str(e)) from None
+                raise BadRequest(field_of(str(e), "responses"), str(e)) from None
 
     def _texts(self, body: bytes | dict) -> tuple[list[str], list[list[str]]]:
         req = parse_body(body, ScoreRequest)
         try:
             prompts, responses, _ = normalize_texts(req.prompts, req.responses)
         except (TypeError, ValueError) as e:
-            msg = str(e)
-            field = msg.split(" ", 1)[0] if msg.startswith(("prompts", "responses")) else "responses"
-            raise BadRequest(field, msg) from None
+            raise BadRequest(field_of(str(e), "responses"), str(e)) from None
+        check_count(len(prompts), self.service.limits, "prompts")
         return prompts, responses
 
     async def score(self, body: bytes | dict) -> dict:
@@ -96,6 +88,7 @@ class Seq2SeqEndpoints:
 
     async def get_reward(self, body: bytes | dict) -> dict:
         req = parse_body(body, GetRewardRequest)
+        check_count(len(req.query), self.service.limits, "query")
         if req.prompts is None:
             raise BadRequest(
                 "prompts",
