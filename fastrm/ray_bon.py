@@ -323,7 +323,7 @@ class BestOfNScorer:
     def _score_seq2seq(self, rows: list[dict]) -> list[list[float] | str]:
         """A seq2seq RM's sequence scores per row (each distinct response once, as above), or why a row cannot be
         scored (an empty response, or one over max_length as the target)."""
-        from fastrm.seq2seq_rewards import score_groups, scoring_branches
+        from fastrm.seq2seq_rewards import score_encoded, scoring_branches
 
         out: list[Any] = [None] * len(rows)
         todo, inverse = [], {}
@@ -331,21 +331,15 @@ class BestOfNScorer:
             first: dict[str, int] = {}
             inverse[i] = [first.setdefault(x, len(first)) for x in r["responses"]]
             try:
-                scoring_branches(self.model, self.tokenizer, r["prompt"], list(first))
+                group = scoring_branches(self.model, self.tokenizer, r["prompt"], list(first))
             except ValueError as e:  # "response j ...", j among the distinct ones: name it by its place in the row
                 uniq, msg = list(first), str(e)
                 j = next(k for k in range(len(uniq)) if msg.startswith(f"response {k} "))
                 out[i] = msg.replace(f"response {j} ", f"response {r['responses'].index(uniq[j])} ", 1)
                 continue
-            todo.append((i, list(first)))
+            todo.append((i, group))
         if todo:
-            scores, _, _ = score_groups(
-                self.model,
-                self.tokenizer,
-                [rows[i]["prompt"] for i, _ in todo],
-                [u for _, u in todo],
-                max_tokens_per_batch=self.budget,
-            )
+            scores, _, _ = score_encoded(self.model, [g for _, g in todo], max_tokens_per_batch=self.budget)
             for (i, _), s in zip(todo, scores):
                 out[i] = [s[k] for k in inverse[i]]
         return out

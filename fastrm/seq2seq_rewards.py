@@ -150,9 +150,13 @@ def score_groups(
     Whole groups go into shared-prompt micro-batches of ``max_tokens_per_batch`` (a group is never split), so the
     values equal :func:`token_rewards` prompt by prompt (tested). A response that cannot be scored is a ValueError
     naming it as ``responses[g][j]``."""
-    groups = []
-    for g, (p, rs) in enumerate(zip(prompts, responses)):
-        groups.append(scoring_branches(model, tokenizer, p, rs, group=g))
+    groups = [scoring_branches(model, tokenizer, p, rs, group=g) for g, (p, rs) in enumerate(zip(prompts, responses))]
+    return score_encoded(model, groups, rule=rule, max_tokens_per_batch=max_tokens_per_batch)
+
+
+def score_encoded(model, groups, *, rule: str | None = None, max_tokens_per_batch: int = 16384):
+    """:func:`score_groups` of groups already encoded by :func:`scoring_branches` (callers that check each group
+    first, to name a bad row, encode it once)."""
     decisions = token_decisions(model, groups, max_tokens_per_batch=max_tokens_per_batch)
     rewards = [[rewards_from_decisions(m, model.settings, rule) for m in per] for per in decisions]
     scores = [[sequence_score(r, model.settings) for r in per] for per in rewards]
@@ -169,17 +173,18 @@ def score_rows(
 ) -> list[dict]:
     """``fastrm score`` for a seq2seq RM: each {prompt, responses} row + ``scores`` (sequence scores),
     ``best_index``, ``best_response`` (``top_k``), and with ``token_level`` the ``token_rewards`` and ``tokens``."""
+    tok = tokenizer if tokenizer is not None else model.tokenizer
+    prompts, responses = [r["prompt"] for r in rows], [r["responses"] for r in rows]
+    all_scores, all_rewards, all_targets = score_groups(model, tok, prompts, responses, **kw)  # one batched pass
     out = []
-    for row in rows:
-        detail = token_rewards(model, row["prompt"], row["responses"], tokenizer, return_tokens=True, **kw)
-        scores = [sequence_score(r, model.settings) for _, r in detail]
+    for row, scores, rewards, targets in zip(rows, all_scores, all_rewards, all_targets):
         best = max(range(len(scores)), key=lambda i: scores[i])
         rec = {k: v for k, v in row.items() if k != "source"}
         rec.update(scores=scores, best_index=best, best_response=row["responses"][best])
         if top_k:
             rec["top_k"] = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
         if token_level:
-            rec.update(token_rewards=[r for _, r in detail], tokens=[t for t, _ in detail])
+            rec.update(token_rewards=rewards, tokens=[tok.convert_ids_to_tokens(t) for t in targets])
         out.append(rec)
     return out
 
@@ -211,25 +216,21 @@ def evaluate_text_pairs(
     from fastrm.rows import RowError
 
     stats = stats if stats is not None else LoadStats()
-    kept = []
+    groups = []  # each kept pair encoded once: (prompt ids, [chosen branch, rejected branch])
     for p in pairs:
-        for field_name, text in (("chosen", p.chosen), ("rejected", p.rejected)):
-            try:
-                scoring_branches(model, tokenizer, p.prompt, [text])
-            except ValueError as e:
-                reason = str(e).replace("response 0 ", "the response ", 1)
-                handle_bad_row(RowError(field_name, reason), p.source, on_bad_row, stats)
-                break
-        else:
-            kept.append(p)
-    if not kept:
+        try:
+            groups.append(scoring_branches(model, tokenizer, p.prompt, [p.chosen, p.rejected]))
+        except ValueError as e:  # "response j ...": j = 0 the chosen response, 1 the rejected one
+            j = 0 if str(e).startswith("response 0 ") else 1
+            reason = str(e).replace(f"response {j} ", "the response ", 1)
+            handle_bad_row(RowError(("chosen", "rejected")[j], reason), p.source, on_bad_row, stats)
+    if not groups:
         raise ValueError("no pair left to evaluate" + (f" ({stats.bad_rows_skipped} skipped)" if stats.skipped else ""))
     d = []
-    with tqdm(total=len(kept), desc="eval", unit="pair", disable=not progress) as bar:
-        for i in range(0, len(kept), chunk):
-            part = kept[i : i + chunk]
-            prompts, responses = [p.prompt for p in part], [[p.chosen, p.rejected] for p in part]
-            scores, _, _ = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
+    with tqdm(total=len(groups), desc="eval", unit="pair", disable=not progress) as bar:
+        for i in range(0, len(groups), chunk):
+            part = groups[i : i + chunk]
+            scores, _, _ = score_encoded(model, part, max_tokens_per_batch=max_tokens_per_batch)
             d.extend(c - r for c, r in scores)
             bar.update(len(part))
     return margin_report(np.asarray(d, dtype=np.float64), out_dir=out_dir, name=name)
@@ -261,32 +262,29 @@ def score_bench_files(
     total = sum(len(r.responses) for f in files for r in f.records)
     bar = tqdm(total=total, desc="bench", unit="resp", disable=not progress)
     for bf in files:
-        kept, texts = [], []
+        kept, groups = [], []  # each kept record encoded once
         for rec in bf.records:
             if rec.prompt_ids is not None:
                 reason = "token-id rows cannot be read by a seq2seq reward model (it needs text)"
                 bf.bad_record(rec.source, reason, on_bad_row)
                 continue
-            prompt, responses = _texts(tokenizer, template, rec)
             try:
-                scoring_branches(model, tokenizer, prompt, responses)
+                groups.append(scoring_branches(model, tokenizer, *_texts(tokenizer, template, rec)))
             except ValueError as e:
                 bf.bad_record(rec.source, str(e), on_bad_row)
                 continue
             kept.append(rec)
-            texts.append((prompt, responses))
         bf.records = kept
         if bf.format == "pairs":
             bf.stats.pairs = len(kept)
         if not kept:
             raise DataError(f"{bf.path}: no records left to score")
         scores: list[list[float]] = []
-        for i in range(0, len(texts), chunk):
-            part = texts[i : i + chunk]
-            prompts, responses = [p for p, _ in part], [rs for _, rs in part]
-            got, _, _ = score_groups(model, tokenizer, prompts, responses, max_tokens_per_batch=max_tokens_per_batch)
+        for i in range(0, len(groups), chunk):
+            part = groups[i : i + chunk]
+            got, _, _ = score_encoded(model, part, max_tokens_per_batch=max_tokens_per_batch)
             scores.extend(got)
-            bar.update(sum(len(rs) for _, rs in part))
+            bar.update(sum(len(bs) for _, bs in part))
         per_file.append(scores)
     bar.close()
     return per_file
