@@ -12,7 +12,6 @@ only on the step's pairs (tests/test_prefetch.py checks identical weights and me
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
@@ -27,14 +26,12 @@ class HostStep:
     """One optimizer step, prepared on the host.
 
     Attributes:
-        step: the optimizer step's index.
         pairs: this rank's share of the step's examples.
         n_global: the step's normaliser over all ranks (``objective.step_units`` of the whole step).
         batches: this rank's packed micro-batches, on the host (pinned when training on CUDA).
         n_examples: the step's examples over all ranks.
     """
 
-    step: int
     pairs: list
     n_global: int
     batches: list
@@ -51,34 +48,30 @@ def pin_batch(batch):
 class StepPrefetcher(Generic[T]):
     """``get(k)`` returns ``make(k)``; ``prefetch(k)`` starts ``make(k)`` on one background thread so a later
     ``get(k)`` only waits for what is left. Disabled, ``get`` runs ``make`` in the caller. An exception raised by
-    ``make`` on the thread is raised by ``get`` in the caller, unchanged (a bad row names its file and line)."""
+    ``make`` on the thread is raised by ``get`` in the caller, unchanged (a bad row names its file and line).
+    ``prefetch``, ``get`` and ``close`` are called from one thread (the training loop); only ``make`` runs on the
+    background one."""
 
     def __init__(self, make: Callable[[int], T], enabled: bool = True):
         self._make = make
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastrm-pack") if enabled else None
         self._pending: dict[int, Future] = {}
-        self._lock = threading.Lock()
 
     def prefetch(self, step: int) -> None:
-        if self._pool is None:
-            return
-        with self._lock:
-            if step not in self._pending:
-                self._pending[step] = self._pool.submit(self._make, step)
+        if self._pool is not None and step not in self._pending:
+            self._pending[step] = self._pool.submit(self._make, step)
 
     def get(self, step: int) -> T:
-        with self._lock:
-            fut = self._pending.pop(step, None)
+        fut = self._pending.pop(step, None)
         return self._make(step) if fut is None else fut.result()
 
     def close(self) -> None:
         """Drop what was prefetched and not taken; wait for a running ``make`` to end."""
         if self._pool is None:
             return
-        with self._lock:
-            for fut in self._pending.values():
-                fut.cancel()
-            self._pending.clear()
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
         self._pool.shutdown(wait=True)
         self._pool = None
 

@@ -322,7 +322,7 @@ class RewardTrainer:
         batches = self.objective.micro_batches(pairs, self.args.max_tokens_per_batch, self.layout)
         if self.device.type == "cuda":
             batches = [pin_batch(b) for b in batches]
-        return HostStep(step, pairs, n_global, batches, len(idx))
+        return HostStep(pairs, n_global, batches, len(idx))
 
     def _after_step(self, m: dict, dt: float, n_examples: int, bar) -> None:
         """A finished step's metrics, progress bar, log, callback, periodic eval and checkpoint."""
