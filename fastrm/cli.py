@@ -308,7 +308,9 @@ def cmd_eval(argv: list[str]) -> int:
     out = Path(a.output_dir) if a.output_dir else Path(a.model) / f"eval-{_stem(a.data[0])}"
     model = _to_device(load_model(a.model))
     tok = load_tokenizer(a.tokenizer, a.model)
-    if hasattr(model, "predictions"):  # a seq2seq RM: margins of sequence scores (fastrm/seq2seq_rewards.py)
+    from fastrm.seq2seq_rewards import is_seq2seq
+
+    if is_seq2seq(model):  # margins of sequence scores (fastrm/seq2seq_rewards.py)
         return _eval_seq2seq(a, model, tok, out)
     vocab = model_vocab_size(model)
     rule = rule_from_args(a, model, tok)
@@ -399,7 +401,9 @@ def cmd_score(argv: list[str]) -> int:
     rows = read_prompt_responses(a.input, on_bad_row=a.on_bad_row, errors=errors)
     model = _to_device(load_model(a.model))
     tok = load_tokenizer(a.tokenizer, a.model)
-    if hasattr(model, "predictions"):  # a seq2seq RM: sequence scores from its token rewards
+    from fastrm.seq2seq_rewards import is_seq2seq
+
+    if is_seq2seq(model):  # sequence scores from its token rewards
         from fastrm.seq2seq_rewards import score_rows as seq2seq_rows
 
         out = seq2seq_rows(

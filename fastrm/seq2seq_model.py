@@ -135,7 +135,7 @@ class Seq2SeqRewardModel(nn.Module):
         hf_kwargs.setdefault("local_files_only", True)
         lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **hf_kwargs)
         if settings is None and is_seq2seq_dir(path):
-            settings = Seq2SeqSettings.from_json(json.loads(Path(path, SETTINGS_FILE).read_text()))
+            settings = read_settings(path)
         model = cls(lm, settings=settings, **kwargs)
         if "gguf_file" in hf_kwargs:
             gguf = hf_kwargs["gguf_file"]

@@ -119,7 +119,7 @@ def token_rewards(
     tok = tokenizer if tokenizer is not None else model.tokenizer
     if tok is None:
         raise ValueError("token_rewards needs a tokenizer (tokenizer=..., or a model loaded with its tokenizer)")
-    if not hasattr(model, "predictions"):
+    if not is_seq2seq(model):
         raise ValueError("token_rewards needs a seq2seq reward model (fastrm.load_model of a seq2seq checkpoint)")
     if isinstance(responses, str):
         raise ValueError("responses must be a list of strings (one response: [response])")
