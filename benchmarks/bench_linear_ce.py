@@ -37,7 +37,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper modules, as bench_train does
 import torch.nn.functional as F
+from bench_machine import cpu_name, run_fresh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -126,8 +129,6 @@ def child_measure(variant: str, N: int, H: int, V: int, dtype: str) -> dict:
 
 
 def measure(variant: str, N: int, H: int, V: int, dtype: str, timeout: int = 1800) -> dict:
-    from bench_machine import run_fresh
-
     interpret = variant in ("fastrm_triton", "liger") and not torch.cuda.is_available()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, str(N), str(H), str(V), dtype]
     return run_fresh(cmd, f"{variant} N={N} H={H} V={V}", timeout, {"TRITON_INTERPRET": "1"} if interpret else None)
@@ -135,7 +136,6 @@ def measure(variant: str, N: int, H: int, V: int, dtype: str, timeout: int = 180
 
 def _machine() -> dict:
     import triton
-    from bench_machine import cpu_name
 
     return {
         "machine": f"{platform.node()} ({platform.platform()})",

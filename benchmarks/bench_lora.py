@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper modules, as bench_train does
+from bench_machine import cpu_name, run_fresh  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": 0, "lora-r8": 8, "lora-r16": 16}
 TARGETS = {"optimizer_state": 0.05, "peak": 0.6}
@@ -112,15 +115,12 @@ def child(variant: str, a: argparse.Namespace) -> dict:
 
 
 def run_variant(variant: str, argv: list[str], timeout: int) -> dict:
-    from bench_machine import run_fresh
-
     return run_fresh([sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant], variant, timeout)
 
 
 def versions() -> dict:
     import peft
     import transformers
-    from bench_machine import cpu_name
 
     from fastrm.version import __version__
 

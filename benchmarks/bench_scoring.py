@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper modules, as bench_train does
+from bench_machine import cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 # A Pythia-14M-shaped GPT-NeoX (random weights): big enough that compute, not Python, dominates on a CPU.
@@ -164,8 +167,6 @@ def variants(rm, hf, prompts, responses, budget: int, hf_batch: int, device):
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    from bench_machine import cpu_name
-
     return f"cpu: {cpu_name()}, {os.cpu_count()} cores visible"
 
 

@@ -45,6 +45,9 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling helper modules, as bench_train does
+from bench_machine import cpu_name  # noqa: E402
+
 WORDS = "the a model reward answer question because however we they helpful kind clear short long good".split()
 SERVERS = ("fastrm", "naive", "openrlhf")
 TOL = 1e-4
@@ -267,8 +270,6 @@ def meta(args: argparse.Namespace) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    from bench_machine import cpu_name
-
     cpu = cpu_name()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
