@@ -32,7 +32,7 @@ import numpy as np
 
 from fastrm.bench_data import REWARDBENCH, REWARDBENCH_2, RM_BENCH, BenchFile, missing_rm_bench_domains
 from fastrm.bench_rewardbench import best_of_n_result, rewardbench2_summary, rewardbench_summary
-from fastrm.evaluation import json_safe, margin_statistics, plot_margin_histogram
+from fastrm.evaluation import json_safe, margin_statistics, plot_margin_histogram, save_figure
 
 REPORT = "bench_report.json"
 SCORES = "bench_scores.jsonl"
@@ -169,12 +169,7 @@ def plot_rm_bench(domains: dict[str, dict], mean: dict | None, path: str | Path,
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, ncols=3, loc="upper center")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)
 
 
 # ------------------------------------------------------------------------------------------------ table

@@ -119,6 +119,16 @@ def draw_margin_histogram(ax, margins: dict[str, np.ndarray]) -> None:
     ax.set_ylabel("density")
 
 
+def save_figure(fig, plt, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made), close it; the one way fastrm's PNGs are written."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_margin_histogram(margins: dict[str, np.ndarray], path: str | Path, title: str = "Reward margin") -> Path:
     """Overlaid histograms of r_c - r_r, one per name (the paper's Figure 1, right; :func:`draw_margin_histogram`);
     writes a PNG."""
@@ -131,12 +141,7 @@ def plot_margin_histogram(margins: dict[str, np.ndarray], path: str | Path, titl
     draw_margin_histogram(ax, margins)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)
 
 
 def evaluate_pairs(
@@ -227,9 +232,4 @@ def plot_win_rate(curves: dict[str, dict], path: str | Path) -> Path:
     ax.set_xlabel("N (candidates)")
     ax.set_ylabel("win rate vs random choice (gold RM)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)

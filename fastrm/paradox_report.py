@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats as sps
 
-from fastrm.evaluation import margin_statistics
+from fastrm.evaluation import margin_statistics, save_figure
 
 MIN_CHECKPOINTS_FOR_RANK_CORRELATION = 3
 
@@ -269,15 +269,6 @@ def _pyplot():
     return plt
 
 
-def _save(fig, plt, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def _label(m: dict) -> str:
     return m["name"] if m.get("step") is None else f"step {m['step']}"
 
@@ -311,7 +302,7 @@ def plot_accuracy_vs_outcome(report: dict, path: str | Path) -> Path:
     ax.set_ylabel(f"gold reward of best-of-{n_star} (exact expectation)")
     ax.set_title(f"Accuracy against outcome along training (gold: {Path(str(gold['path'])).name})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_bon_curves(report: dict, path: str | Path, x_axis: str = "n") -> Path:
@@ -335,4 +326,4 @@ def plot_bon_curves(report: dict, path: str | Path, x_axis: str = "n") -> Path:
     ax.set_ylabel("gold reward of the pick (exact expectation)")
     ax.set_title("Best-of-N under the gold RM, every checkpoint", fontsize=9)
     ax.legend(fontsize=7, ncols=2 if len(models) > 8 else 1)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
